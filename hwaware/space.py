@@ -1,0 +1,391 @@
+"""Search spaces and architectures: the currency that training, pricing, search and export share.
+
+Plain Python on purpose (no torch): the search and its tests stay fast, and an `Arch`
+can be priced, bred and written to disk anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from hwaware.errors import HwawareError
+
+__all__ = [
+    "Arch", "SearchSpace", "BUILTIN_SPACES", "get_space", "load_space", "load_arch", "resolve_arch", "save_arch",
+]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One subnet: a single embed dim, and per layer its heads and MLP ratio (depth = layer count)."""
+
+    embed_dim: int
+    num_heads: tuple[int, ...]
+    mlp_ratios: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
+        if len(self.num_heads) != len(self.mlp_ratios):
+            raise HwawareError(
+                f"arch: num_heads has {len(self.num_heads)} entries but mlp_ratio has "
+                f"{len(self.mlp_ratios)}; both need one entry per layer"
+            )
+        if not self.num_heads:
+            raise HwawareError("arch: depth must be at least 1")
+
+    @property
+    def depth(self) -> int:
+        return len(self.num_heads)
+
+    def layers(self) -> Iterable[tuple[int, float]]:
+        """(heads, MLP ratio) of each layer, in order."""
+        return zip(self.num_heads, self.mlp_ratios)
+
+    def mlp_hidden_dims(self) -> tuple[int, ...]:
+        """Hidden width of each layer's MLP, rounded as timm's `Block` rounds it."""
+        return tuple(int(self.embed_dim * r) for r in self.mlp_ratios)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": list(self.num_heads),
+            "mlp_ratio": list(self.mlp_ratios),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "arch") -> "Arch":
+        """Read hwaware's own keys or AutoFormer's upper-case ones; `depth` must match the lists."""
+        if not isinstance(data, dict):
+            raise HwawareError(f"{source}: expected a mapping with embed_dim, depth, num_heads, mlp_ratio")
+        keys = {str(k).lower(): v for k, v in data.items()}
+        embed_dim = _require_int(keys, "embed_dim", source)
+        heads = _require_list(keys, "num_heads", source)
+        ratios = _require_list(keys, "mlp_ratio", source)
+        if "depth" in keys:
+            depth = _require_int(keys, "depth", source)
+            for name, values in (("num_heads", heads), ("mlp_ratio", ratios)):
+                if len(values) != depth:
+                    raise HwawareError(f"{source}: {name} has {len(values)} entries but depth is {depth}")
+        try:
+            return cls(embed_dim, tuple(int(h) for h in heads), tuple(float(r) for r in ratios))
+        except (TypeError, ValueError) as exc:
+            raise HwawareError(f"{source}: num_heads and mlp_ratio must be numbers ({exc})") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def short(self) -> str:
+        """A compact one-line label for tables and logs."""
+        heads = "".join(str(h) if h < 10 else f"({h})" for h in self.num_heads)
+        ratios = "/".join(f"{r:g}" for r in self.mlp_ratios)
+        return f"d{self.embed_dim}-L{self.depth}-h{heads}-r{ratios}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices a supernet was built for, plus the maxima its shared weights are sized to.
+
+    Sampling draws from the choices; any Arch within the maxima can run and be extracted
+    (AutoFormer's released T uses an MLP ratio its own choices do not list).
+    """
+
+    name: str
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    mlp_ratios: tuple[float, ...]
+    head_dim: int = 64
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    max_embed_dim: int = 0
+    max_depth: int = 0
+    max_heads: int = 0
+    max_mlp_ratio: float = 0.0
+
+    def __post_init__(self):
+        for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
+            values = tuple(sorted(set(getattr(self, name))))
+            if not values:
+                raise HwawareError(f"space {self.name}: {name} needs at least one choice")
+            cast = float if name == "mlp_ratios" else int
+            object.__setattr__(self, name, tuple(cast(v) for v in values))
+        for field_name, choices in (
+            ("max_embed_dim", self.embed_dims),
+            ("max_depth", self.depths),
+            ("max_heads", self.num_heads),
+            ("max_mlp_ratio", self.mlp_ratios),
+        ):
+            object.__setattr__(self, field_name, max(getattr(self, field_name) or 0, max(choices)))
+        if self.img_size % self.patch_size:
+            raise HwawareError(f"space {self.name}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if min(self.embed_dims) < 1 or min(self.depths) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratios) <= 0:
+            raise HwawareError(f"space {self.name}: every choice must be positive")
+
+    # ---- geometry -------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a block sees: the patches plus the class token."""
+        return self.num_patches + 1
+
+    @property
+    def max_mlp_hidden(self) -> int:
+        return int(self.max_embed_dim * self.max_mlp_ratio)
+
+    def num_subnets(self) -> int:
+        per_layer = len(self.num_heads) * len(self.mlp_ratios)
+        return len(self.embed_dims) * sum(per_layer**d for d in self.depths)
+
+    # ---- membership -----------------------------------------------------------------
+    def validate(self, arch: Arch) -> Arch:
+        """Raise a HwawareError naming the field if `arch` cannot run on this space's supernet."""
+        if arch.embed_dim < 1 or arch.embed_dim > self.max_embed_dim:
+            raise HwawareError(f"arch: embed_dim {arch.embed_dim} is outside 1..{self.max_embed_dim} of space {self.name}")
+        if arch.depth > self.max_depth:
+            raise HwawareError(f"arch: depth {arch.depth} exceeds the maximum {self.max_depth} of space {self.name}")
+        for i, (heads, ratio) in enumerate(arch.layers()):
+            if heads < 1 or heads > self.max_heads:
+                raise HwawareError(f"arch: num_heads[{i}] = {heads} is outside 1..{self.max_heads} of space {self.name}")
+            hidden = int(arch.embed_dim * ratio)
+            if hidden < 1 or hidden > self.max_mlp_hidden:
+                raise HwawareError(
+                    f"arch: mlp_ratio[{i}] = {ratio:g} gives an MLP of {hidden} for embed_dim {arch.embed_dim}, "
+                    f"outside 1..{self.max_mlp_hidden} of space {self.name}"
+                )
+        return arch
+
+    def contains(self, arch: Arch) -> bool:
+        """True if every value of `arch` is one of this space's choices (what sampling produces)."""
+        return (
+            arch.embed_dim in self.embed_dims
+            and arch.depth in self.depths
+            and all(h in self.num_heads for h in arch.num_heads)
+            and all(r in self.mlp_ratios for r in arch.mlp_ratios)
+        )
+
+    # ---- sampling and breeding --------------------------------------------------------
+    def largest(self) -> Arch:
+        d = max(self.depths)
+        return Arch(max(self.embed_dims), (max(self.num_heads),) * d, (max(self.mlp_ratios),) * d)
+
+    def smallest(self) -> Arch:
+        d = min(self.depths)
+        return Arch(min(self.embed_dims), (min(self.num_heads),) * d, (min(self.mlp_ratios),) * d)
+
+    def middle(self) -> Arch:
+        """The median choice everywhere: a fixed subnet between the extremes, for tracking training."""
+        d = _median(self.depths)
+        return Arch(_median(self.embed_dims), (_median(self.num_heads),) * d, (_median(self.mlp_ratios),) * d)
+
+    def sample(self, rng: random.Random) -> Arch:
+        """Uniform over each choice (depth first, then each layer independently), as AutoFormer samples."""
+        depth = rng.choice(self.depths)
+        return Arch(
+            rng.choice(self.embed_dims),
+            tuple(rng.choice(self.num_heads) for _ in range(depth)),
+            tuple(rng.choice(self.mlp_ratios) for _ in range(depth)),
+        )
+
+    def mutate(self, arch: Arch, rng: random.Random, layer_prob: float = 0.2, global_prob: float = 0.4) -> Arch:
+        """AutoFormer's mutation: depth and embed dim with `global_prob`, each layer's heads and ratio with `layer_prob`."""
+        heads, ratios = list(arch.num_heads), list(arch.mlp_ratios)
+        if rng.random() < global_prob:
+            depth = rng.choice(self.depths)
+            while len(heads) < depth:
+                heads.append(rng.choice(self.num_heads))
+                ratios.append(rng.choice(self.mlp_ratios))
+            heads, ratios = heads[:depth], ratios[:depth]
+        embed_dim = rng.choice(self.embed_dims) if rng.random() < global_prob else arch.embed_dim
+        for i in range(len(heads)):
+            if rng.random() < layer_prob:
+                heads[i] = rng.choice(self.num_heads)
+            if rng.random() < layer_prob:
+                ratios[i] = rng.choice(self.mlp_ratios)
+        return Arch(embed_dim, tuple(heads), tuple(ratios))
+
+    def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
+        """Each gene from either parent; layers only one parent has come from that parent."""
+        depth = rng.choice((a.depth, b.depth))
+        heads, ratios = [], []
+        for i in range(depth):
+            donors = [p for p in (a, b) if i < p.depth]
+            heads.append(rng.choice(donors).num_heads[i])
+            ratios.append(rng.choice(donors).mlp_ratios[i])
+        return Arch(rng.choice((a.embed_dim, b.embed_dim)), tuple(heads), tuple(ratios))
+
+    # ---- I/O ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
+            data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
+        """Read hwaware's own format, or AutoFormer's (`SUPERNET` maxima and `SEARCH_SPACE` choices)."""
+        if not isinstance(data, dict):
+            raise HwawareError(f"{source}: expected a mapping describing a search space")
+        if "SEARCH_SPACE" in data:
+            return _from_autoformer(data, source)
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HwawareError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
+            if name not in data:
+                raise HwawareError(f"{source}: missing field {name!r}")
+            _require_list(data, name, source)
+        try:
+            return cls(**{"name": Path(source).stem, **data})
+        except (TypeError, ValueError) as exc:
+            raise HwawareError(f"{source}: {exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _from_autoformer(data: dict, source: str) -> SearchSpace:
+    choices = data["SEARCH_SPACE"]
+    supernet = data.get("SUPERNET") or {}
+    if not isinstance(choices, dict) or not isinstance(supernet, dict):
+        raise HwawareError(f"{source}: SEARCH_SPACE and SUPERNET must be mappings")
+    for name in ("EMBED_DIM", "DEPTH", "NUM_HEADS", "MLP_RATIO"):
+        if name not in choices:
+            raise HwawareError(f"{source}: SEARCH_SPACE is missing {name}")
+        _require_list(choices, name, f"{source}: SEARCH_SPACE")
+    try:
+        return SearchSpace(
+            name=Path(source).stem,
+            embed_dims=tuple(int(v) for v in choices["EMBED_DIM"]),
+            depths=tuple(int(v) for v in choices["DEPTH"]),
+            num_heads=tuple(int(v) for v in choices["NUM_HEADS"]),
+            mlp_ratios=tuple(float(v) for v in choices["MLP_RATIO"]),
+            max_embed_dim=int(supernet.get("EMBED_DIM", 0)),
+            max_depth=int(supernet.get("DEPTH", 0)),
+            max_heads=int(supernet.get("NUM_HEADS", 0)),
+            max_mlp_ratio=float(supernet.get("MLP_RATIO", 0.0)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise HwawareError(f"{source}: SEARCH_SPACE and SUPERNET values must be numbers ({exc})") from None
+
+
+def _median(values: Sequence):
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _require_int(data: dict, key: str, source: str) -> int:
+    if key not in data:
+        raise HwawareError(f"{source}: missing field {key!r}")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise HwawareError(f"{source}: {key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _require_list(data: dict, key: str, source: str) -> list:
+    if key not in data:
+        raise HwawareError(f"{source}: missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HwawareError(f"{source}: {key} must be a non-empty list, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise HwawareError(f"{source}: {key} must hold numbers, got {v!r}")
+    return list(value)
+
+
+def _autoformer(name: str, embed_dims, depths, heads, ratios, maxima) -> SearchSpace:
+    max_embed, max_depth, max_heads = maxima
+    return SearchSpace(
+        name=name, embed_dims=embed_dims, depths=depths, num_heads=heads, mlp_ratios=ratios,
+        max_embed_dim=max_embed, max_depth=max_depth, max_heads=max_heads, max_mlp_ratio=4.0,
+    )
+
+
+BUILTIN_SPACES: dict[str, SearchSpace] = {
+    # AutoFormer's ImageNet spaces (Chen et al., ICCV 2021; microsoft/Cream experiments/subnet),
+    # with the supernet maxima those files give.
+    "autoformer-t": _autoformer("autoformer-t", (192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0), (256, 14, 4)),
+    "autoformer-s": _autoformer("autoformer-s", (320, 384, 448), (12, 13, 14), (5, 6, 7), (3.0, 3.5, 4.0), (448, 14, 7)),
+    "autoformer-b": _autoformer("autoformer-b", (528, 576, 624), (14, 15, 16), (8, 9, 10), (3.0, 3.5, 4.0), (640, 16, 10)),
+    # The embedded default: scikit-learn's 8x8 grayscale digits, 2x2 patches (16 tokens + cls),
+    # sized so a supernet trains in minutes on a 2-core CPU.
+    "digits": SearchSpace(
+        name="digits", embed_dims=(32, 48, 64), depths=(2, 3, 4), num_heads=(1, 2, 4),
+        mlp_ratios=(2.0, 3.0, 4.0), head_dim=16, img_size=8, patch_size=2, in_chans=1, num_classes=10,
+    ),
+}
+
+
+def get_space(name_or_path: str | SearchSpace) -> SearchSpace:
+    """A built-in space by name, or a YAML file in hwaware's or AutoFormer's format."""
+    if isinstance(name_or_path, SearchSpace):
+        return name_or_path
+    if name_or_path in BUILTIN_SPACES:
+        return BUILTIN_SPACES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+        return load_space(path)
+    raise HwawareError(f"unknown space {name_or_path!r}; built-in spaces: {', '.join(BUILTIN_SPACES)}")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    return SearchSpace.from_dict(_read_yaml(path), source=str(path))
+
+
+def load_arch(path: str | Path, space: SearchSpace | None = None) -> Arch:
+    """An Arch from hwaware YAML/JSON or from AutoFormer's `RETRAIN` block; validated if `space` is given."""
+    data = _read_yaml(path)
+    if isinstance(data, dict) and "RETRAIN" in data:
+        arch = Arch.from_dict(data["RETRAIN"], source=f"{path}: RETRAIN")
+    elif isinstance(data, dict) and isinstance(data.get("arch"), dict):
+        arch = Arch.from_dict(data["arch"], source=f"{path}: arch")
+    else:
+        arch = Arch.from_dict(data, source=str(path))
+    return space.validate(arch) if space is not None else arch
+
+
+def resolve_arch(spec: str, space: SearchSpace) -> Arch:
+    """`largest`, `smallest`, `middle`, or a path to an Arch file, validated against `space`."""
+    named = {"largest": space.largest, "smallest": space.smallest, "middle": space.middle}
+    if spec in named:
+        return named[spec]()
+    return load_arch(spec, space)
+
+
+def save_arch(arch: Arch, path: str | Path, **extra: Any) -> None:
+    """Write an Arch as YAML atomically; `extra` keys (space, metrics) are kept beside it."""
+    from hwaware.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump({**extra, "arch": arch.to_dict()}, sort_keys=False))
+
+
+def _read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise HwawareError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HwawareError(f"{path}: cannot read ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise HwawareError(f"{path}: malformed YAML{where}") from None
+
