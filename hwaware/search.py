@@ -20,6 +20,7 @@ with the cheapest cost the space reaches.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -175,11 +176,15 @@ def standard_costs(space: SearchSpace, latency_ms: Callable[[Arch], float] | Non
     """
     from hwaware.costs import arch_cost
 
+    @functools.lru_cache(maxsize=1 << 16)
+    def counted(arch: Arch):  # one count serves both FLOPs and params
+        return arch_cost(arch, space)
+
     costs: dict[str, Callable[[Arch], float]] = {}
     if latency_ms is not None:
         costs["latency_ms"] = latency_ms
-    costs["flops_g"] = lambda arch: arch_cost(arch, space).flops / 1e9
-    costs["params_m"] = lambda arch: arch_cost(arch, space).params / 1e6
+    costs["flops_g"] = lambda arch: counted(arch).flops / 1e9
+    costs["params_m"] = lambda arch: counted(arch).params / 1e6
     return costs
 
 
