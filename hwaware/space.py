@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -62,7 +63,7 @@ class Arch:
         }
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "arch") -> "Arch":
+    def from_dict(cls, data: Any, source: str = "arch") -> Arch:
         """Read hwaware's own keys or AutoFormer's upper-case ones; `depth` must match the lists."""
         if not isinstance(data, dict):
             raise HwawareError(f"{source}: expected a mapping with embed_dim, depth, num_heads, mlp_ratio")
@@ -235,7 +236,7 @@ class SearchSpace:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "space") -> "SearchSpace":
+    def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
         """Read hwaware's own format, or AutoFormer's (`SUPERNET` maxima and `SEARCH_SPACE` choices)."""
         if not isinstance(data, dict):
             raise HwawareError(f"{source}: expected a mapping describing a search space")

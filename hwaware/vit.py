@@ -82,7 +82,7 @@ class Piece:
         return f"{self.kind}-d{self.embed_dim}"
 
     @classmethod
-    def from_key(cls, key: str) -> "Piece":
+    def from_key(cls, key: str) -> Piece:
         kind, *fields = key.split("-")
         values = {f[0]: f[1:] for f in fields}
         if kind == "block":

@@ -50,7 +50,7 @@ class SuperViT(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def set_arch(self, arch: Arch) -> "SuperViT":
+    def set_arch(self, arch: Arch) -> SuperViT:
         """Make `arch` the subnet that `forward(x)` runs; checked against the space's maxima."""
         self.arch = self.space.validate(arch)
         return self
