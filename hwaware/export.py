@@ -1,0 +1,574 @@
+"""Export one Arch as artifacts a serving stack takes as they are: timm, ONNX, TensorRT, Triton.
+
+Every artifact is checked against the PyTorch model it came from (ONNX Runtime and the
+TensorRT engine are run on random and, when given, real inputs) and the differences go
+into `card.json`. The output folder is built under a hidden temporary name beside the
+target and renamed into place only when complete, so a failed or killed export never
+leaves a half-written folder where a user (or Triton) would pick it up.
+
+ONNX goes through the torch.export-based exporter (`dynamo=True`), the one PyTorch
+maintains since 2.9: the batch axis is a symbolic `Dim`, so a graph that baked the example
+batch in would fail at export instead of silently at serving time. Opset 17 is the default
+because TensorRT 8.6 parses up to 17; the exporter writes 18 and converts down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hwaware.errors import HwawareError
+from hwaware.io import atomic_write_text
+from hwaware.space import Arch, SearchSpace
+
+FORMATS = ("timm", "onnx", "tensorrt", "triton")
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+DEFAULT_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, PLAN_FILE, CARD_FILE = (
+    "model.safetensors", "config.json", "model.onnx", "model.plan", "card.json",
+)
+TIMING_CACHE_FILE = "timing.cache"
+# Card fields export computes; `card_extra` / `update_card` may not overwrite them.
+COMPUTED_CARD_FIELDS = frozenset({
+    "name", "created", "hwaware_version", "space", "arch", "arch_short", "params", "flops", "precision",
+    "batch_sizes", "formats", "onnx", "tensorrt", "triton", "warnings",
+})
+# max |ONNX or TensorRT - PyTorch|, relative to the largest PyTorch logit (at least 1).
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote: the folder, the formats in it, its card, and what was skipped and why."""
+
+    out_dir: Path
+    formats: tuple[str, ...]
+    card: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- argument parsing the CLI shares --------------------------------------------------------
+
+
+def parse_formats(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """`"timm,onnx"` or an iterable of names -> a tuple in canonical order; unknown names are an error."""
+    names = [n.strip().lower() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        what = f"unknown format {unknown[0]!r}" if unknown else "no format given"
+        raise HwawareError(f"format: {what}; valid formats: {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names)
+
+
+def parse_batch_sizes(spec: str | Iterable[int]) -> tuple[int, ...]:
+    """`"1,8,32"` or an iterable -> sorted unique positive ints."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        sizes = sorted({int(str(s).strip()) for s in items if str(s).strip()})
+    except ValueError:
+        raise HwawareError(f"batch sizes: expected comma-separated integers, got {spec!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise HwawareError(f"batch sizes: need at least one size, all >= 1, got {spec!r}")
+    return tuple(sizes)
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise HwawareError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+# ---- timm -----------------------------------------------------------------------------------
+
+
+def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Path) -> None:
+    """`model.safetensors` (the state dict) and `config.json` (what `build_vit` needs) in `folder`."""
+    from safetensors.torch import save_file
+
+    from hwaware.vit import vit_config
+
+    folder = Path(folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(vit_config(arch, space), indent=2) + "\n")
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The timm `VisionTransformer` of an export folder (or its `config.json`), weights loaded, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from hwaware.vit import build_vit
+
+    path = Path(path)
+    folder = path.parent if path.name == CONFIG_FILE else path
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise HwawareError(f"{folder}: no {needed.name}; export with --format timm to get a loadable model")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HwawareError(f"{config_path}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or config.get("architecture") != "hwaware_vit":
+        raise HwawareError(f"{config_path}: not an hwaware model config (architecture must be 'hwaware_vit')")
+    space = SearchSpace.from_dict(config.get("space"), source=f"{config_path}: space")
+    arch = space.validate(Arch.from_dict(config.get("arch"), source=f"{config_path}: arch"))
+    model = build_vit(arch, space)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise HwawareError(f"{weights_path}: unreadable ({exc})") from None
+    _load_exact(model, state, str(weights_path))
+    return model.eval()
+
+
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise HwawareError(f"{source}: weights do not fit the config (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise HwawareError(
+                f"{source}: {name} has shape {list(tensor.shape)}, the config needs {list(expected[name].shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def check_model_matches(model: nn.Module, arch: Arch, space: SearchSpace) -> None:
+    """Raise unless `model` has exactly the parameter names and shapes `build_vit(arch, space)` has."""
+    from hwaware.vit import build_vit
+
+    with torch.device("meta"):
+        reference = build_vit(arch, space).state_dict()
+    actual = model.state_dict()
+    for name, tensor in reference.items():
+        if name not in actual or actual[name].shape != tensor.shape:
+            got = list(actual[name].shape) if name in actual else "nothing"
+            raise HwawareError(f"model: does not match arch {arch.short()}: {name} should be {list(tensor.shape)}, got {got}")
+    extra = sorted(set(actual) - set(reference))
+    if extra:
+        raise HwawareError(f"model: does not match arch {arch.short()}: unexpected parameter {extra[0]}")
+
+
+# ---- ONNX -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines and opset-conversion notices; errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.float16 if precision == "fp16" else torch.float32
+
+
+def export_onnx(
+    model: nn.Module, space: SearchSpace, path: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET
+) -> None:
+    """Write `model` as ONNX with input `input` [batch, C, H, W], output `logits` [batch, classes], dynamic batch.
+
+    fp16 exports a half-precision graph (inputs and outputs fp16): what TensorRT 11's strongly
+    typed networks and Triton's fp16 models need. Checked with `onnx.checker` before returning.
+    """
+    import onnx
+
+    _check_precision(precision)
+    if opset < 17:
+        raise HwawareError(f"opset: {opset} is too old; LayerNormalization needs opset 17 or later")
+    dtype = _dtype(precision)
+    static = copy.deepcopy(model).to("cpu", dtype).eval()
+    # batch 2: torch.export specialises dimensions of size 0 and 1, so the example must not be 1
+    example = torch.randn(2, space.in_chans, space.img_size, space.img_size, dtype=dtype)
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                static, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs one line
+            raise HwawareError(f"onnx: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    onnx.checker.check_model(str(path), full_check=True)
+    written = onnx_opset(path)
+    if written != opset:
+        raise HwawareError(f"onnx: asked for opset {opset}, the exporter could only write opset {written}")
+
+
+def onnx_opset(path: str | Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def onnx_io(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Name, shape (None for symbolic dims) and element type of the ONNX graph's input and output."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def describe(value) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        return {"name": value.name, "shape": dims, "elem_type": onnx.TensorProto.DataType.Name(tensor.elem_type)}
+
+    inputs = [describe(v) for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise HwawareError(f"{path}: expected one input and one output")
+    return {"input": inputs[0], "output": describe(graph.output[0])}
+
+
+def onnx_max_abs_diff(path: str | Path, model: nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """(max |ONNX Runtime - PyTorch fp32|, top-1 agreement) on `images`, in the ONNX file's precision."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_type = session.get_inputs()[0].type
+    feed = images.to(torch.float16 if "float16" in input_type else torch.float32).numpy()
+    got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0]).float()
+    with torch.no_grad():
+        want = model.float().eval()(images.float())
+    return _compare(got, want)
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
+    agreement = (got.argmax(-1).cpu() == want.argmax(-1).cpu()).float().mean().item()
+    return diff, agreement
+
+
+def _check_tolerance(what: str, diff: float, reference: torch.Tensor, precision: str) -> None:
+    scale = max(1.0, reference.abs().max().item())
+    if not diff <= TOLERANCE[precision] * scale:  # `not <=` also catches NaN
+        raise HwawareError(
+            f"{what}: outputs differ from PyTorch by {diff:.3g} (allowed {TOLERANCE[precision] * scale:.3g} for "
+            f"{precision}); the exported model is not the same model"
+        )
+
+
+def _random_images(space: SearchSpace, batch_sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(b, space.in_chans, space.img_size, space.img_size, generator=generator) for b in batch_sizes]
+
+
+def _verify(
+    what: str, run, model: nn.Module, space: SearchSpace, batch_sizes, sample_inputs, precision: str
+) -> dict[str, Any]:
+    """Check `run(images) -> (diff, agreement)` on random images at every batch size and on the real sample."""
+    report: dict[str, Any] = {}
+    worst = 0.0
+    for images in _random_images(space, batch_sizes):
+        diff, _ = run(images)
+        with torch.no_grad():
+            _check_tolerance(what, diff, model(images), precision)
+        worst = max(worst, diff)
+    report["max_abs_diff_random"] = worst
+    if sample_inputs is not None:
+        diff, agreement = run(sample_inputs)
+        with torch.no_grad():
+            _check_tolerance(what, diff, model(sample_inputs), precision)
+        report["max_abs_diff_sample"] = diff
+        report["sample_top1_agreement"] = agreement
+        report["sample_count"] = int(sample_inputs.shape[0])
+    return report
+
+
+# ---- Triton ---------------------------------------------------------------------------------
+
+_TRITON_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16"}
+
+
+def triton_config(
+    name: str, platform: str, io: dict[str, dict[str, Any]], batch_sizes: tuple[int, ...], gpu_only: bool
+) -> str:
+    """A Triton `config.pbtxt`: batch dim left out of `dims` (implied by `max_batch_size`), dynamic batching on."""
+
+    def tensor(kind: str, spec: dict[str, Any]) -> str:
+        dims = ", ".join(str(d) for d in spec["shape"][1:])
+        data_type = _TRITON_TYPES.get(spec["elem_type"])
+        if data_type is None or None in spec["shape"][1:]:
+            raise HwawareError(f"triton: cannot describe {kind} {spec['name']} ({spec['elem_type']}, {spec['shape']})")
+        return f'{kind} [\n  {{\n    name: "{spec["name"]}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}\n]\n'
+
+    preferred = [b for b in batch_sizes if b > 1]
+    lines = [
+        f'name: "{name}"\n',
+        f'platform: "{platform}"\n',
+        f"max_batch_size: {max(batch_sizes)}\n",
+        tensor("input", io["input"]),
+        tensor("output", io["output"]),
+        "dynamic_batching {\n"
+        + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else "")
+        + "  max_queue_delay_microseconds: 100\n}\n",
+    ]
+    if gpu_only:
+        lines.append("instance_group [\n  {\n    kind: KIND_GPU\n    count: 1\n  }\n]\n")
+    return "".join(lines)
+
+
+def write_triton_model(
+    repository: Path, name: str, artifact: Path, io: dict, batch_sizes: tuple[int, ...]
+) -> Path:
+    """`repository/name/config.pbtxt` and `repository/name/1/<artifact>`; the platform follows the artifact."""
+    platform, gpu_only = {".onnx": ("onnxruntime_onnx", False), ".plan": ("tensorrt_plan", True)}[artifact.suffix]
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    shutil.copyfile(artifact, folder / "1" / artifact.name)
+    atomic_write_text(folder / "config.pbtxt", triton_config(name, platform, io, batch_sizes, gpu_only))
+    return folder
+
+
+def triton_name(out_dir: str | Path) -> str:
+    """A Triton model name from the export folder's name (letters, digits, `_` and `-` only)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(out_dir).resolve().name).strip("_")
+    return name or "hwaware_vit"
+
+
+# ---- the card -------------------------------------------------------------------------------
+
+
+def read_card(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / CARD_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HwawareError(f"{out_dir}: no {CARD_FILE}; is this an hwaware export folder?") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HwawareError(f"{path}: unreadable ({exc})") from None
+
+
+def _card_json(card: dict[str, Any]) -> str:
+    try:
+        return json.dumps(card, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise HwawareError(f"card: a field is not plain JSON ({exc})") from None
+
+
+def _check_extra(fields: dict[str, Any]) -> None:
+    clash = sorted(set(fields) & COMPUTED_CARD_FIELDS)
+    if clash:
+        raise HwawareError(f"card: {clash[0]!r} is computed by export and cannot be set")
+
+
+def update_card(out_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Add or replace fields of an export's `card.json` atomically (accuracy, predicted/measured latency)."""
+    _check_extra(fields)
+    card = {**read_card(out_dir), **fields}
+    atomic_write_text(Path(out_dir) / CARD_FILE, _card_json(card))
+    return card
+
+
+# ---- the output folder ----------------------------------------------------------------------
+
+
+def _refuse_existing(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise HwawareError(f"out: {out_dir} exists and is not a folder")
+    contents = list(out_dir.iterdir())
+    if not contents:
+        return
+    if not force:
+        raise HwawareError(f"out: {out_dir} already exists; pass --force to replace it")
+    if not (out_dir / CARD_FILE).is_file():
+        raise HwawareError(f"out: {out_dir} is not an hwaware export folder (no {CARD_FILE}); refusing to replace it")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    Replacing renames the old folder away, renames the new one in, then deletes the old one, so at
+    every moment `out_dir` is either the complete old export or the complete new one.
+    """
+    out_dir = Path(out_dir)
+    _refuse_existing(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield staging
+        _refuse_existing(out_dir, force)  # something may have appeared there meanwhile
+        retired = None
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, retired)  # rename(2) may replace an empty folder
+        os.replace(staging, out_dir)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- the entry point ------------------------------------------------------------------------
+
+
+def export_model(
+    model: nn.Module,
+    arch: Arch,
+    space: SearchSpace,
+    out_dir: str | Path,
+    formats: str | Iterable[str] = FORMATS,
+    precision: str = "fp32",
+    batch_sizes: str | Iterable[int] = DEFAULT_BATCH_SIZES,
+    force: bool = False,
+    card_extra: dict[str, Any] | None = None,
+    sample_inputs: torch.Tensor | None = None,
+    opset: int = DEFAULT_OPSET,
+    timing_cache: str | Path | None = None,
+) -> ExportResult:
+    """Export `model` (the timm ViT of `arch`, e.g. `SuperViT.extract(arch)`) into `out_dir`.
+
+    `formats`: any of timm, onnx, tensorrt, triton (TensorRT and Triton are built from the ONNX
+    file, so asking for them writes it too). `precision` applies to ONNX/TensorRT/Triton; timm
+    weights stay as they are. `batch_sizes` set the verification batches, the TensorRT profile
+    (min/median/max) and Triton's `max_batch_size` and preferred batches. `sample_inputs`: real
+    images the ONNX/TensorRT outputs are also checked on. `card_extra`: fields for `card.json`
+    (val_top1, test_top1, predicted_latency_ms, measured_latency_ms, ...). `timing_cache`: a
+    TensorRT timing cache file to reuse across builds (default: `timing.cache` in the export).
+    Where TensorRT cannot run, the other formats are still written and `warnings` says why;
+    asking for TensorRT alone there is an error.
+    """
+    from tqdm import tqdm
+
+    import hwaware
+    from hwaware.costs import arch_cost
+    from hwaware.tensorrt_build import tensorrt_unavailable_reason
+
+    wanted = parse_formats(formats)
+    precision = _check_precision(precision)
+    batch_sizes = parse_batch_sizes(batch_sizes)
+    space.validate(arch)
+    check_model_matches(model, arch, space)
+    card_extra = dict(card_extra or {})
+    _check_extra(card_extra)
+    if sample_inputs is not None:
+        expected = (space.in_chans, space.img_size, space.img_size)
+        if sample_inputs.ndim != 4 or tuple(sample_inputs.shape[1:]) != expected:
+            raise HwawareError(f"sample inputs: expected shape [N, {', '.join(map(str, expected))}], "
+                               f"got {list(sample_inputs.shape)}")
+        sample_inputs = sample_inputs.detach().float().cpu()
+
+    result_warnings: list[str] = []
+    build_trt = "tensorrt" in wanted
+    if build_trt:
+        reason = tensorrt_unavailable_reason()
+        if reason and set(wanted) <= {"tensorrt"}:
+            raise HwawareError(f"tensorrt: {reason}; nothing else was asked for, so nothing was exported")
+        if reason:
+            result_warnings.append(f"tensorrt: skipped, {reason}; the other formats were exported")
+            log.warning(result_warnings[-1])
+            build_trt = False
+    needs_onnx = bool({"onnx", "tensorrt", "triton"} & set(wanted))
+    out_dir = Path(out_dir)
+    name = triton_name(out_dir)
+    model = copy.deepcopy(model).float().cpu().eval()
+    cost = arch_cost(arch, space)
+    card: dict[str, Any] = {
+        "name": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hwaware_version": hwaware.__version__,
+        "space": space.name,
+        "arch": arch.to_dict(),
+        "arch_short": arch.short(),
+        "params": cost.params,
+        "flops": cost.flops,
+        "precision": precision,
+        "batch_sizes": list(batch_sizes),
+        "onnx": None,
+        "tensorrt": None,
+        "triton": None,
+    }
+    written: list[str] = []
+    stages = ["timm" in wanted, needs_onnx, build_trt, "triton" in wanted]
+    with staged_folder(out_dir, force) as staging, tqdm(total=sum(stages), desc="export", disable=None) as bar:
+        if "timm" in wanted:
+            bar.set_postfix_str("timm")
+            save_timm(model, arch, space, staging)
+            written.append("timm")
+            bar.update()
+        if needs_onnx:
+            bar.set_postfix_str("onnx")
+            onnx_path = staging / ONNX_FILE
+            export_onnx(model, space, onnx_path, precision, opset)
+            checks = _verify("onnx", lambda x: onnx_max_abs_diff(onnx_path, model, x), model, space, batch_sizes,
+                             sample_inputs, precision)
+            card["onnx"] = {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": "torch.onnx (dynamo)",
+                            "input": INPUT_NAME, "output": OUTPUT_NAME, **checks}
+            written.append("onnx")
+            bar.update()
+        if build_trt:
+            bar.set_postfix_str("tensorrt")
+            card["tensorrt"] = _export_tensorrt(staging, model, space, precision, batch_sizes, sample_inputs,
+                                                Path(timing_cache) if timing_cache else staging / TIMING_CACHE_FILE)
+            written.append("tensorrt")
+            bar.update()
+        if "triton" in wanted:
+            bar.set_postfix_str("triton")
+            io = onnx_io(staging / ONNX_FILE)
+            repository = staging / "triton"
+            models = [write_triton_model(repository, name, staging / ONNX_FILE, io, batch_sizes).name]
+            if build_trt:
+                models.append(write_triton_model(repository, f"{name}_trt", staging / PLAN_FILE, io, batch_sizes).name)
+            card["triton"] = {"repository": "triton", "models": models}
+            written.append("triton")
+            bar.update()
+        card["formats"] = written
+        card["warnings"] = result_warnings
+        card.update(card_extra)
+        atomic_write_text(staging / CARD_FILE, _card_json(card))
+    return ExportResult(out_dir=out_dir, formats=tuple(written), card=card, warnings=result_warnings)
+
+
+def _export_tensorrt(
+    staging: Path, model: nn.Module, space: SearchSpace, precision: str, batch_sizes: tuple[int, ...],
+    sample_inputs: torch.Tensor | None, timing_cache: Path,
+) -> dict[str, Any]:
+    """Build `model.plan` from the staged ONNX file and check the engine's outputs against PyTorch on the GPU."""
+    from hwaware.tensorrt_build import build_engine, load_engine, run_engine
+
+    plan = staging / PLAN_FILE
+    metadata = build_engine(staging / ONNX_FILE, plan, precision, batch_sizes, timing_cache)
+    engine = load_engine(plan)
+
+    def run(images: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            return _compare(run_engine(engine, images), model(images))
+
+    # TensorRT may use TF32 for fp32 layers, so its fp32 engine is held to the fp16 tolerance
+    checks = _verify("tensorrt", run, model, space, batch_sizes, sample_inputs, "fp16")
+    return {"file": PLAN_FILE, "metadata": Path(plan.name + ".json").name, **metadata, **checks}
