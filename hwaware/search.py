@@ -41,7 +41,7 @@ from hwaware.space import Arch, SearchSpace, save_arch
 
 __all__ = [
     "BUDGET_KINDS", "STATE_FILE", "Budget", "Constraints", "Evaluation", "EvolutionSearch", "SearchResult",
-    "parse_budgets", "standard_costs", "candidates_frame", "pareto_metric", "pareto_frame", "pareto_figure_png",
+    "parse_budgets", "standard_costs", "file_fingerprint", "candidates_frame", "pareto_metric", "pareto_frame", "pareto_figure_png",
     "best_file", "summary_table", "write_results",
 ]
 
@@ -188,6 +188,16 @@ def standard_costs(space: SearchSpace, latency_ms: Callable[[Arch], float] | Non
     return costs
 
 
+def file_fingerprint(**paths: str | Path | None) -> dict[str, Any]:
+    """Path, size and modification time of each file scores or costs come from: a `fingerprint` for the search."""
+    fingerprint = {}
+    for key, path in paths.items():
+        if path is not None:
+            stat = Path(path).stat()
+            fingerprint[key] = {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return fingerprint
+
+
 # ---- the search -------------------------------------------------------------------------------
 
 
@@ -236,6 +246,10 @@ class EvolutionSearch:
     kept only if it fits the budgets and was not visited before, within `max_tries` attempts per
     wanted child. `strategy="random"` samples every generation at random: the same number of
     evaluations, the baseline.
+
+    `fingerprint` (JSON-able, e.g. checkpoint and table paths with their sizes and mtimes) is
+    stored in the resume checkpoint; a checkpoint with another fingerprint is refused, so cached
+    scores of one supernet are never reused for another.
     """
 
     def __init__(
@@ -257,6 +271,7 @@ class EvolutionSearch:
         strategy: str = "evolution",
         seed: int = 0,
         progress: bool = True,
+        fingerprint: Mapping[str, Any] | None = None,
     ):
         self.space, self.fitness, self.costs = space, fitness, dict(costs)
         self.targets = [b if isinstance(b, Constraints) else Constraints.of(b) for b in budgets]
@@ -292,6 +307,8 @@ class EvolutionSearch:
         self.layer_mutation_prob, self.global_mutation_prob = float(layer_mutation_prob), float(global_mutation_prob)
         self.max_tries, self.feasibility_samples = max_tries, feasibility_samples
         self.strategy, self.seed, self.progress = strategy, seed, progress
+        # What the scores and costs come from (checkpoint, table): a resumed cache must come from the same.
+        self.fingerprint = dict(fingerprint or {})
         self._cost_memo: dict[Arch, dict[str, float]] = {}
 
     # ---- costs and feasibility ----------------------------------------------------------
@@ -445,7 +462,7 @@ class EvolutionSearch:
             "mutation_children": self.mutation_children, "crossover_children": self.crossover_children,
             "layer_mutation_prob": self.layer_mutation_prob, "global_mutation_prob": self.global_mutation_prob,
             "max_tries": self.max_tries, "feasibility_samples": self.feasibility_samples,
-            "targets": [t.label for t in self.targets], "costs": list(self.costs),
+            "targets": [t.label for t in self.targets], "costs": list(self.costs), "fingerprint": self.fingerprint,
         }
         return json.loads(json.dumps(config))
 

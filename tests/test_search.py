@@ -18,6 +18,7 @@ from hwaware.search import (
     Constraints,
     EvolutionSearch,
     best_file,
+    file_fingerprint,
     parse_budgets,
     standard_costs,
     summary_table,
@@ -252,6 +253,11 @@ def test_a_checkpoint_of_another_search_is_refused(tmp_path, costs):
     make_search(costs, [Budget("latency_ms", 1)], generations=1).run(checkpoint=state)
     with pytest.raises(HwawareError, match="written by a different search \\(differs in seed\\)"):
         make_search(costs, [Budget("latency_ms", 1)], generations=1, seed=1).run(checkpoint=state)
+    weights = tmp_path / "supernet.pt"
+    weights.write_bytes(b"retrained")
+    with pytest.raises(HwawareError, match="differs in fingerprint"):
+        make_search(costs, [Budget("latency_ms", 1)], generations=1, fingerprint=file_fingerprint(checkpoint=weights)
+                    ).run(checkpoint=state)
     state.write_text("{not json")
     with pytest.raises(HwawareError, match="not a readable search checkpoint"):
         make_search(costs, [Budget("latency_ms", 1)], generations=1).run(checkpoint=state)
