@@ -1,0 +1,226 @@
+"""Device profiles (`profiles/<name>.yaml`) and which of them are present on this machine.
+
+A profile says how to recognise a device, how it serves (backend, precision, batch sizes),
+how to measure on it, which TensorRT releases support it and its peak figures, which the
+roofline `--estimate` scales. Users add a device by adding a file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hwaware.errors import HwawareError
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How long to time each thing and how to guard against drift.
+
+    Repeats run until both `min_repeats` and `min_time_s` are reached (capped by `max_repeats`).
+    Every `anchor_every` items the anchor piece is timed again; a segment whose closing anchor moved
+    more than `drift_tolerance` from the first anchor is measured again, up to `max_remeasure` times.
+    """
+
+    warmup: int = 10
+    min_repeats: int = 30
+    min_time_s: float = 0.3
+    max_repeats: int = 2000
+    threads: int | None = 1
+    anchor_every: int = 6
+    drift_tolerance: float = 0.05
+    max_remeasure: int = 2
+    fit_subnets: int = 20
+    holdout_subnets: int = 30
+    statistic: str = "median"  # what a table predicts from: "median" or "min" (uncontended speed on shared hosts)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, source: str = "measurement") -> MeasureSettings:
+        data = dict(data or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HwawareError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            defaults = cls()
+            settings = cls(**{k: (None if v is None else type(getattr(defaults, k) or 0)(v)) for k, v in data.items()})
+        except (TypeError, ValueError) as exc:
+            raise HwawareError(f"{source}: {exc}") from None
+        if settings.min_repeats < 1 or settings.warmup < 0 or settings.min_time_s < 0 or settings.max_repeats < 1:
+            raise HwawareError(f"{source}: warmup >= 0, min_repeats >= 1, max_repeats >= 1 and min_time_s >= 0")
+        if settings.statistic not in ("median", "min"):
+            raise HwawareError(f"{source}: statistic must be median or min, got {settings.statistic!r}")
+        if settings.fit_subnets < 3 or settings.holdout_subnets < 0:
+            raise HwawareError(f"{source}: fit_subnets must be at least 3 (the correction has 3 coefficients)")
+        return settings
+
+    def replace(self, **changes: Any) -> MeasureSettings:
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return MeasureSettings.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    kind: str  # "cpu" | "cuda"
+    name_contains: tuple[str, ...] = ()
+    name_excludes: tuple[str, ...] = ()
+    compute_capability: tuple[int, int] | None = None
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    batch_sizes: tuple[int, ...] = (1,)
+    measurement: MeasureSettings = field(default_factory=MeasureSettings)
+    tensorrt: dict = field(default_factory=dict)
+    peak_flops: dict = field(default_factory=dict)  # precision -> FLOP/s (2 FLOP per multiply-add)
+    memory_bandwidth: float = 0.0  # bytes/s
+    path: str = ""
+
+    def matches(self, kind: str, device_name: str = "", capability: tuple[int, int] | None = None) -> bool:
+        """True if a device of `kind` called `device_name` with `capability` is this profile's device."""
+        if kind != self.kind:
+            return False
+        if kind == "cpu":
+            return True
+        upper = device_name.upper()
+        if self.name_contains and not any(s.upper() in upper for s in self.name_contains):
+            return False
+        if any(s.upper() in upper for s in self.name_excludes):
+            return False
+        return self.compute_capability is None or capability is None or tuple(capability) == self.compute_capability
+
+    def peak_flops_for(self, precision: str) -> float:
+        value = self.peak_flops.get(precision)
+        if not value:
+            raise HwawareError(f"profile {self.name}: no peak FLOP/s for {precision} in {self.path or 'the profile'}")
+        return float(value)
+
+    def tensorrt_supported(self, version: str) -> bool:
+        """Whether TensorRT `version` supports this device (profiles give min/max release)."""
+        def key(v: str) -> tuple[int, ...]:
+            return tuple(int(p) for p in str(v).split(".")[:2] if p.isdigit())
+
+        low, high = self.tensorrt.get("min_version"), self.tensorrt.get("max_version")
+        return (low is None or key(version) >= key(low)) and (high is None or key(version) <= key(high))
+
+
+def profiles_dir() -> Path:
+    """`$HWAWARE_PROFILES`, else `./profiles`, else the `profiles/` beside the package source."""
+    if os.environ.get("HWAWARE_PROFILES"):
+        return Path(os.environ["HWAWARE_PROFILES"])
+    if Path("profiles").is_dir():
+        return Path("profiles")
+    return Path(__file__).resolve().parents[2] / "profiles"
+
+
+def list_profiles(root: str | Path | None = None) -> list[str]:
+    return sorted(p.stem for p in Path(root or profiles_dir()).glob("*.yaml"))
+
+
+def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProfile:
+    """The profile `name` (a file stem in the profiles folder) or a path to a profile YAML."""
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else Path(root or profiles_dir()) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_profiles(root)) or "none"
+        raise HwawareError(f"device: unknown device {name!r}; profiles: {known} (add one as {path})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HwawareError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or "match" not in data:
+        raise HwawareError(f"{path}: a device profile needs at least name, match, backend and precision")
+    match = data.get("match") or {}
+    peak = data.get("peak") or {}
+    backend, precision = data.get("backend", "onnxruntime"), data.get("precision", "fp32")
+    if backend not in BACKENDS:
+        raise HwawareError(f"{path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise HwawareError(f"{path}: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if match.get("kind") not in ("cpu", "cuda"):
+        raise HwawareError(f"{path}: match.kind must be cpu or cuda")
+    try:
+        cc = match.get("compute_capability")
+        return DeviceProfile(
+            name=str(data.get("name") or path.stem),
+            description=str(data.get("description", "")),
+            kind=match["kind"],
+            name_contains=tuple(str(s) for s in match.get("name_contains") or ()),
+            name_excludes=tuple(str(s) for s in match.get("name_excludes") or ()),
+            compute_capability=(int(cc[0]), int(cc[1])) if cc else None,
+            backend=backend,
+            precision=precision,
+            batch_sizes=tuple(int(b) for b in data.get("batch_sizes") or (1,)),
+            measurement=MeasureSettings.from_dict(data.get("measurement"), f"{path}: measurement"),
+            tensorrt=dict(data.get("tensorrt") or {}),
+            # YAML 1.1 reads 15.7e12 (no exponent sign) as a string; float() accepts both.
+            peak_flops={k: float(v) for k, v in (peak.get("flops") or {}).items() if v is not None},
+            memory_bandwidth=float(peak.get("memory_bandwidth") or 0.0),
+            path=str(path),
+        )
+    except (TypeError, ValueError, IndexError) as exc:
+        raise HwawareError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PresentDevice:
+    kind: str  # "cpu" | "cuda"
+    index: int
+    name: str
+    capability: tuple[int, int] | None = None
+
+    def label(self) -> str:
+        return self.name if self.kind == "cpu" else f"cuda:{self.index} {self.name}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def present_devices() -> list[PresentDevice]:
+    """This machine's CPU and every CUDA device torch can see."""
+    found = [PresentDevice("cpu", 0, f"CPU {cpu_model()} ({os.cpu_count()} cores)")]
+    if not shutil.which("nvidia-smi") and not Path("/proc/driver/nvidia").exists():
+        return found  # no NVIDIA driver: skip importing torch just to hear that
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                found.append(PresentDevice("cuda", i, props.name, (props.major, props.minor)))
+    except ImportError:
+        pass
+    return found
+
+
+def find_present(profile: DeviceProfile) -> PresentDevice:
+    """The present device matching `profile`, or a one-line error naming what is present."""
+    present = present_devices()
+    for device in present:
+        if profile.matches(device.kind, device.name, device.capability):
+            return device
+    here = "; ".join(d.label() for d in present)
+    raise HwawareError(
+        f"device: {profile.name} ({profile.description}) is not present on this machine; present: {here}. "
+        f"Run on a machine with one, or use --estimate for a roofline table"
+    )

@@ -1,0 +1,221 @@
+"""The latency table: per-piece medians plus a fitted correction, saved as CSV with a JSON sidecar.
+
+`predict(arch)` is dictionary look-ups and a few multiplications (a search calls it a million
+times). The sidecar carries provenance, the calibration and its held-out validation; a
+CSV whose checksum or row count disagrees with its sidecar is refused as truncated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hwaware.errors import HwawareError
+from hwaware.io import atomic_write, atomic_write_text
+from hwaware.space import Arch, SearchSpace
+from hwaware.vit import Piece, pieces
+
+FORMAT = "hwaware-latency-table/1"
+COLUMNS = ["piece", "kind", "embed_dim", "num_heads", "mlp_ratio", "median_ms", "iqr_ms", "p90_ms", "min_ms", "n",
+           "attempts", "drifted"]
+
+
+def table_name(device: str, backend: str, precision: str, space: str, batch: int, estimated: bool = False) -> str:
+    return f"{device}-{backend}-{precision}-{space}-b{batch}{'-estimated' if estimated else ''}.csv"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Whole-model latency from the piece sum: scale * sum + per_piece * pieces + intercept.
+
+    A whole model pays the per-call overhead once where the pieces pay it each, and fuses
+    across piece boundaries; the per-piece term and the scale absorb both.
+    """
+
+    scale: float = 1.0
+    per_piece: float = 0.0
+    intercept: float = 0.0
+
+    def apply(self, piece_sum: float, num_pieces: int) -> float:
+        return self.scale * piece_sum + self.per_piece * num_pieces + self.intercept
+
+    @classmethod
+    def fit(cls, piece_sums, num_pieces, measured) -> Calibration:
+        """Least squares on relative error (each row weighted by 1/measured), as accuracy is judged in %."""
+        s, p, y = (np.asarray(v, dtype=np.float64) for v in (piece_sums, num_pieces, measured))
+        if len(y) < 3:
+            raise HwawareError(f"calibration: needs at least 3 measured subnets, got {len(y)}")
+        design = np.stack([s, p, np.ones_like(s)], axis=1) / y[:, None]
+        coef, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
+        return cls(*(float(c) for c in coef))
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "per_piece": self.per_piece, "intercept": self.intercept,
+                "model": "scale * piece_sum_ms + per_piece * (depth + 2) + intercept"}
+
+
+def validation_metrics(measured, predicted) -> dict:
+    """MAPE and shares within 5 % / 10 % (all as fractions) and Kendall's tau of the ranking."""
+    from scipy.stats import kendalltau
+
+    y, p = np.asarray(measured, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if len(y) == 0:
+        return {"mape": None, "within_5pct": None, "within_10pct": None, "kendall_tau": None, "n": 0}
+    rel = np.abs(p - y) / y
+    tau = float(kendalltau(y, p).statistic) if len(y) > 1 else None
+    return {"mape": float(rel.mean()), "within_5pct": float((rel <= 0.05).mean()),
+            "within_10pct": float((rel <= 0.10).mean()), "kendall_tau": tau, "n": int(len(y)),
+            "max_error": float(rel.max())}
+
+
+class LatencyTable:
+    """Per-piece latencies of one space on one device/backend/precision/batch, and their correction."""
+
+    def __init__(self, rows: pd.DataFrame, meta: dict, path: Path | None = None):
+        self.rows, self.meta, self.path = rows, meta, path
+        self.calibration = Calibration(**{k: v for k, v in (meta.get("calibration") or {}).items()
+                                          if k in ("scale", "per_piece", "intercept")})
+        column = f"{meta.get('statistic', 'median')}_ms"
+        self.piece_ms: dict[Piece, float] = {
+            Piece.from_key(key): float(ms) for key, ms in zip(rows["piece"], rows[column], strict=True)
+        }
+        # The hot path: stem+head per embed dim, and blocks by (embed dim, heads, ratio) tuples.
+        self._ends = {p.embed_dim: ms + self.piece_ms.get(Piece("head", p.embed_dim), float("nan"))
+                      for p, ms in self.piece_ms.items() if p.kind == "stem"}
+        self._blocks = {(p.embed_dim, p.num_heads, p.mlp_ratio): ms for p, ms in self.piece_ms.items()
+                        if p.kind == "block"}
+
+    # ---- identity -----------------------------------------------------------------------------
+    space_name = property(lambda self: self.meta["space"])
+    device = property(lambda self: self.meta["device"])
+    backend = property(lambda self: self.meta["backend"])
+    precision = property(lambda self: self.meta["precision"])
+    batch_size = property(lambda self: int(self.meta["batch_size"]))
+    estimated = property(lambda self: bool(self.meta.get("estimated", False)))
+    validation = property(lambda self: self.meta.get("validation") or {})
+
+    @property
+    def space(self) -> SearchSpace:
+        return SearchSpace.from_dict(self.meta["space_def"], source=f"{self.path}: space_def")
+
+    def check_space(self, space: SearchSpace) -> None:
+        if space.name != self.space_name or space.to_dict() != self.meta["space_def"]:
+            raise HwawareError(f"latency table: {self.path} was measured for space {self.space_name!r}, "
+                               f"not {space.name!r}; profile that space with hwaware profile --space {space.name}")
+
+    # ---- prediction -----------------------------------------------------------------------------
+    def piece_sum(self, arch: Arch) -> float:
+        """Sum of the pieces' latencies (median, or min where the table says so), ms, before the correction."""
+        try:
+            blocks = self._blocks
+            d = arch.embed_dim
+            return self._ends[d] + sum(blocks[(d, h, r)] for h, r in zip(arch.num_heads, arch.mlp_ratios, strict=False))
+        except KeyError:
+            missing = [p.key for p in pieces(arch) if p not in self.piece_ms]
+            raise HwawareError(f"latency table: {self.path or 'table'} has no row for {', '.join(missing)} "
+                               f"(arch {arch.short()} is outside the space {self.space_name})") from None
+
+    def predict(self, arch: Arch) -> float:
+        """Predicted whole-model latency of `arch`, milliseconds per batch."""
+        return self.calibration.apply(self.piece_sum(arch), arch.depth + 2)
+
+    def cheapest(self, space: SearchSpace | None = None) -> tuple[float, Arch]:
+        """The lowest predicted latency of any subnet of the space, and that subnet.
+
+        The prediction is linear in each layer's block latency, so per (embed dim, depth) the
+        cheapest subnet repeats the cheapest block; that makes the minimum exact.
+        """
+        space = space or self.space
+        best: tuple[float, Arch] | None = None
+        sign = 1.0 if self.calibration.scale >= 0 else -1.0
+        for d in space.embed_dims:
+            h, r = min(((h, r) for h in space.num_heads for r in space.mlp_ratios),
+                       key=lambda hr: sign * self._blocks.get((d, *hr), float("inf")))
+            for depth in space.depths:
+                arch = Arch(d, (h,) * depth, (r,) * depth)
+                ms = self.predict(arch)
+                if best is None or ms < best[0]:
+                    best = (ms, arch)
+        assert best is not None
+        return best
+
+    def min_latency(self, space: SearchSpace | None = None) -> float:
+        return self.cheapest(space)[0]
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save(self, csv_path: str | Path) -> Path:
+        """Write the CSV, then the sidecar that vouches for it (checksum, row count)."""
+        csv_path = Path(csv_path)
+        data = self.rows[COLUMNS].to_csv(index=False, float_format="%.6g").encode()
+        self.meta.update(format=FORMAT, complete=True, rows=len(self.rows), csv_sha256=hashlib.sha256(data).hexdigest())
+        atomic_write(csv_path, lambda tmp: tmp.write_bytes(data))
+        atomic_write_text(sidecar_path(csv_path), json.dumps(self.meta, indent=1, sort_keys=False) + "\n")
+        self.path = csv_path
+        return csv_path
+
+    @classmethod
+    def load(cls, csv_path: str | Path) -> LatencyTable:
+        """Read a finished table; anything partial, truncated or mismatched is a one-line error."""
+        csv_path = Path(csv_path)
+        if csv_path.name.endswith(".partial") or not csv_path.suffix == ".csv":
+            raise HwawareError(f"latency table: {csv_path} is not a finished table (expected a .csv)")
+        side = sidecar_path(csv_path)
+        for p in (csv_path, side):
+            if not p.is_file():
+                raise HwawareError(f"latency table: {p} does not exist; a table is a .csv plus its .json sidecar")
+        try:
+            meta = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HwawareError(f"latency table: sidecar {side} is truncated or not JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("complete") is not True:
+            raise HwawareError(f"latency table: {side} is not a complete {FORMAT} sidecar")
+        for key in ("device", "backend", "precision", "batch_size", "space", "space_def", "calibration", "rows"):
+            if key not in meta:
+                raise HwawareError(f"latency table: sidecar {side} lacks {key!r}")
+        data = csv_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("csv_sha256"):
+            raise HwawareError(f"latency table: {csv_path} does not match its sidecar's checksum (truncated or edited); "
+                               f"profile again")
+        import io
+
+        rows = pd.read_csv(io.BytesIO(data))
+        if list(rows.columns) != COLUMNS or len(rows) != meta["rows"]:
+            raise HwawareError(f"latency table: {csv_path} has {len(rows)} rows/columns unlike its sidecar")
+        return cls(rows, meta, csv_path)
+
+    def __repr__(self) -> str:
+        v = self.validation
+        return (f"LatencyTable({self.device}/{self.backend}/{self.precision}/b{self.batch_size}, {self.space_name}, "
+                f"{len(self.rows)} pieces, mape={v.get('mape')})")
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
+
+
+def find_table(device: str, space_name: str, backend: str | None = None, precision: str | None = None,
+               batch: int | None = None, root: str | Path = "latency_tables", estimated: bool = False) -> Path:
+    """The finished table for these settings (defaults from the device profile), or an error naming
+    the `hwaware profile` command that creates it. With `estimated`, a roofline table may stand in."""
+    from hwaware.latency.devices import load_device_profile
+
+    if backend is None or precision is None or batch is None:
+        profile = load_device_profile(device)
+        backend, precision = backend or profile.backend, precision or profile.precision
+        batch = batch or profile.batch_sizes[0]
+    root = Path(root)
+    measured = root / table_name(device, backend, precision, space_name, batch)
+    candidates = [measured] + ([root / table_name(device, backend, precision, space_name, batch, True)] if estimated else [])
+    for path in candidates:
+        if path.is_file() and sidecar_path(path).is_file():
+            return path
+    command = (f"hwaware profile --device {device} --space {space_name} --backend {backend} "
+               f"--precision {precision} --batch {batch} --out {root}")
+    partial = " (a partial run is there: the same command resumes it)" if Path(f"{measured}.partial").exists() else ""
+    raise HwawareError(f"latency table: no {measured}{partial}; create it with: {command}"
+                       + (" (or add --estimate for a roofline estimate)" if not estimated else ""))
