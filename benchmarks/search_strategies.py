@@ -78,7 +78,8 @@ def checkpoint_provider(checkpoint: str, table: str | None, device: str | None, 
         raise HwawareError(f"--checkpoint: the training/latency modules are not available here ({exc})") from None
     model, meta = load_supernet(checkpoint)
     space = model.space
-    loaders = {split: build_loader(meta["data"], space, split, batch_size, rank=0, world_size=1)
+    # Materialised once: re-running the loader's transforms for every Arch would cost as much as the model.
+    loaders = {split: list(build_loader(meta["data"], space, split, batch_size, rank=0, world_size=1))
                for split in ("val", "test")}
 
     def top1_on(split: str) -> Callable[[Arch], float]:
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", help="latency table CSV for --checkpoint")
     parser.add_argument("--device", help="device whose table in latency_tables/ prices latency for --checkpoint")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for --checkpoint (0: torch's default); the digits model is too small "
+                             "to gain from more, and extra threads slow it down on a shared machine")
     parser.add_argument("--latency-ms", type=float, default=0.5, help="the budget both strategies search under")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--population", type=int, default=50)
@@ -178,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             raise HwawareError("--seeds: need at least 2 for a spread")
         if args.overhead_evaluations:  # first, so its cold run really is the first to count FLOPs
             time_overhead(get_space(args.space), args.overhead_evaluations)
+        if args.checkpoint and args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         provider = (checkpoint_provider(args.checkpoint, args.table, args.device, args.batch_size)
                     if args.checkpoint else synthetic_provider(args.space))
         # AutoFormer's proportions: a fifth kept as parents, half the population by mutation, half by crossover.

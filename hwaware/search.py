@@ -328,13 +328,16 @@ class EvolutionSearch:
     def check_feasible(self) -> dict[str, list[Arch]]:
         """Refuse at once a budget no subnet meets; return, per target, probed Archs that meet it.
 
-        The cheapest reachable cost is the minimum over the smallest and largest subnets and a
-        random sample: for monotone costs the smallest subnet is the minimum, and the sample
-        guards against a cost (a measured latency) that is not monotone in the Arch.
+        The cheapest reachable cost is not assumed to be the smallest subnet's (a measured block
+        with more heads can be faster): it is the minimum over the smallest and largest subnets,
+        a per-layer descent for every budget (exact for costs that add up per layer, as latency
+        tables, FLOPs and params do), and a random sample for costs that do not.
         """
         rng = random.Random(f"{self.seed}:feasibility")
+        metrics = dict.fromkeys((b.metric, b.lower) for t in self.targets for b in t.budgets)
         probes = list(dict.fromkeys(
             [self.space.smallest(), self.space.largest()]
+            + [arch for metric, lower in metrics for arch in self._layerwise_extremes(metric, lower)]
             + [self.space.sample(rng) for _ in range(self.feasibility_samples)]
         ))
         witnesses = {}
@@ -357,6 +360,26 @@ class EvolutionSearch:
                 )
             witnesses[target.label] = fitting
         return witnesses
+
+    def _layerwise_extremes(self, metric: str, highest: bool) -> list[Arch]:
+        """Per embed dim and depth, the Arch whose every layer takes the (heads, ratio) that minimises `metric`
+        (maximises it with `highest`), chosen one layer at a time."""
+        sign = -1.0 if highest else 1.0
+        space = self.space
+        choices = list(itertools.product(space.num_heads, space.mlp_ratios))
+        extremes = []
+        for embed_dim in space.embed_dims:
+            for depth in space.depths:
+                arch = Arch(embed_dim, (space.num_heads[0],) * depth, (space.mlp_ratios[0],) * depth)
+                for i in range(depth):
+                    trials = [
+                        Arch(embed_dim, arch.num_heads[:i] + (h,) + arch.num_heads[i + 1:],
+                             arch.mlp_ratios[:i] + (r,) + arch.mlp_ratios[i + 1:])
+                        for h, r in choices
+                    ]
+                    arch = min(trials, key=lambda a: sign * self.arch_costs(a)[metric])
+                extremes.append(arch)
+        return extremes
 
     # ---- running ------------------------------------------------------------------------
     def run(self, checkpoint: str | Path | None = None, save_checkpoint: bool = True) -> SearchResult:
@@ -393,8 +416,6 @@ class EvolutionSearch:
                                         evaluated=len(run.visited), refresh=False)
                     bar.update()
         ordered = list(evaluations.values())
-        for e in ordered:
-            self.arch_costs(e.arch)
         return SearchResult(
             space=self.space, targets=list(self.targets), strategy=self.strategy, seed=self.seed,
             evaluations=ordered, costs={e.arch: self.arch_costs(e.arch) for e in ordered},

@@ -2,9 +2,14 @@
 
 import json
 import math
+import signal
 import statistics
+import subprocess
+import sys
+import time
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -152,6 +157,16 @@ def test_cheapest_cost_is_searched_not_assumed_at_the_smallest_arch():
         search.check_feasible()
 
 
+def test_cheapest_cost_is_found_where_random_sampling_would_miss_it():
+    # Cheapest only with depth 4 and every layer at (2 heads, ratio 3): one Arch in 19683 samples.
+    odd = {"latency_ms": lambda a: 0.1 + (4 - a.depth) + sum(h != 2 or r != 3.0 for h, r in a.layers())}
+    with pytest.raises(HwawareError, match=r"--latency-ms 0.05: .* the cheapest reaches 0.1 ms \(d32-L4-h2222-r3/3/3/3\)"):
+        EvolutionSearch(SPACE, synthetic_top1, odd, [Budget("latency_ms", 0.05)], progress=False).check_feasible()
+    witnesses = EvolutionSearch(SPACE, synthetic_top1, odd, [Budget("latency_ms", 0.1)]).check_feasible()
+    assert [a.short() for a in witnesses["latency_ms<=0.1"]] == ["d32-L4-h2222-r3/3/3/3", "d48-L4-h2222-r3/3/3/3",
+                                                                  "d64-L4-h2222-r3/3/3/3"]
+
+
 def test_budgets_feasible_alone_but_not_together_raise(costs):
     target = Constraints.of(Budget("latency_ms", 0.6), Budget("min_params_m", 0.15))
     with pytest.raises(HwawareError, match="no subnet of space digits meets latency_ms<=0.6 & params_m>=0.15"):
@@ -246,6 +261,45 @@ def test_killed_and_rerun_ends_like_an_uninterrupted_run(tmp_path, costs, kill_a
     assert trace(resumed) == trace(reference)
     assert len(fitness.calls) == len(reference.evaluations) - len(saved["evaluations"])  # nothing scored twice
     assert not set(fitness.calls) & {Arch.from_dict(item["arch"]) for item in saved["evaluations"]}
+
+
+KILLED_SEARCH = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from test_search import SMALL, synthetic_latency, synthetic_top1
+from hwaware.search import EvolutionSearch, parse_budgets
+from hwaware.space import get_space
+
+def slow_top1(arch):
+    time.sleep(0.01)
+    return synthetic_top1(arch)
+
+search = EvolutionSearch(get_space("digits"), slow_top1, {"latency_ms": synthetic_latency},
+                         parse_budgets({"latency_ms": "1.5"}), **{**SMALL, "generations": 40}, seed=5)
+search.run(checkpoint=sys.argv[1])
+"""
+
+
+def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
+    latency = {"latency_ms": synthetic_latency}
+    settings = dict(generations=40, seed=5)
+    reference = make_search(latency, parse_budgets({"latency_ms": "1.5"}), **settings).run()
+    state = tmp_path / STATE_FILE
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SEARCH, str(state), str(Path(__file__).parent)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if state.exists() and json.loads(state.read_text())["runs"]["latency_ms<=1.5"]["generation"] >= 3:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the search ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    saved = json.loads(state.read_text())["runs"]["latency_ms<=1.5"]["generation"]
+    assert 3 <= saved < 40
+    fitness = CountingFitness()
+    resumed = make_search(latency, parse_budgets({"latency_ms": "1.5"}), fitness=fitness, **settings).run(checkpoint=state)
+    assert trace(resumed) == trace(reference)
+    assert len(fitness.calls) < len(reference.evaluations)
 
 
 def test_a_checkpoint_of_another_search_is_refused(tmp_path, costs):
