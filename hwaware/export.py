@@ -6,10 +6,13 @@ into `card.json`. The output folder is built under a hidden temporary name besid
 target and renamed into place only when complete, so a failed or killed export never
 leaves a half-written folder where a user (or Triton) would pick it up.
 
-ONNX goes through the torch.export-based exporter (`dynamo=True`), the one PyTorch
-maintains since 2.9: the batch axis is a symbolic `Dim`, so a graph that baked the example
-batch in would fail at export instead of silently at serving time. Opset 17 is the default
-because TensorRT 8.6 parses up to 17; the exporter writes 18 and converts down.
+ONNX: opset 17 by default, the newest TensorRT 8.6 parses. With torch 2.14 both exporters
+give the same timm ViT (fused attention decomposed to MatMul/Softmax, dynamic batch, outputs
+within 1e-6 of PyTorch); the TorchScript one (`dynamo=False`, deprecated since torch 2.9 but
+present) is the default because it writes opset 17 natively and takes ~0.6 s on a digits
+model and ~2.5 s on AutoFormer-T on this 2-core machine, where the torch.export one
+(`dynamo=True`) takes 5-15 s and 16-25 s and must convert down from opset 18. A traced graph could bake the example batch in; running ONNX Runtime at every
+export batch size catches that. `dynamo=True` stays one argument away for when it is gone.
 """
 
 from __future__ import annotations
@@ -166,7 +169,9 @@ def check_model_matches(model: nn.Module, arch: Arch, space: SearchSpace) -> Non
     for name, tensor in reference.items():
         if name not in actual or actual[name].shape != tensor.shape:
             got = list(actual[name].shape) if name in actual else "nothing"
-            raise HwawareError(f"model: does not match arch {arch.short()}: {name} should be {list(tensor.shape)}, got {got}")
+            raise HwawareError(
+                f"model: does not match arch {arch.short()}: {name} should be {list(tensor.shape)}, got {got}"
+            )
     extra = sorted(set(actual) - set(reference))
     if extra:
         raise HwawareError(f"model: does not match arch {arch.short()}: unexpected parameter {extra[0]}")
@@ -196,12 +201,18 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def export_onnx(
-    model: nn.Module, space: SearchSpace, path: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET
+    model: nn.Module,
+    space: SearchSpace,
+    path: str | Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = False,
 ) -> None:
     """Write `model` as ONNX with input `input` [batch, C, H, W], output `logits` [batch, classes], dynamic batch.
 
     fp16 exports a half-precision graph (inputs and outputs fp16): what TensorRT 11's strongly
-    typed networks and Triton's fp16 models need. Checked with `onnx.checker` before returning.
+    typed networks and Triton's fp16 models need. `dynamo` picks the torch.export-based exporter
+    over the TorchScript one (see the module doc). Checked with `onnx.checker` before returning.
     """
     import onnx
 
@@ -212,12 +223,15 @@ def export_onnx(
     static = copy.deepcopy(model).to("cpu", dtype).eval()
     # batch 2: torch.export specialises dimensions of size 0 and 1, so the example must not be 1
     example = torch.randn(2, space.in_chans, space.img_size, space.img_size, dtype=dtype)
-    batch = torch.export.Dim("batch", min=1)
+    if dynamo:
+        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},), "external_data": False}
+    else:
+        dynamic = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
     with _quiet_exporter(), torch.no_grad():
         try:
             torch.onnx.export(
-                static, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
+                static, (example,), str(path), dynamo=dynamo, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, verbose=False, **dynamic,
             )
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise HwawareError(f"onnx: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
@@ -225,6 +239,10 @@ def export_onnx(
     written = onnx_opset(path)
     if written != opset:
         raise HwawareError(f"onnx: asked for opset {opset}, the exporter could only write opset {written}")
+
+
+def _exporter_name(dynamo: bool) -> str:
+    return f"torch.onnx {'torch.export (dynamo=True)' if dynamo else 'TorchScript (dynamo=False)'}, torch {torch.__version__}"
 
 
 def onnx_opset(path: str | Path) -> int:
@@ -322,7 +340,8 @@ def triton_config(
         data_type = _TRITON_TYPES.get(spec["elem_type"])
         if data_type is None or None in spec["shape"][1:]:
             raise HwawareError(f"triton: cannot describe {kind} {spec['name']} ({spec['elem_type']}, {spec['shape']})")
-        return f'{kind} [\n  {{\n    name: "{spec["name"]}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}\n]\n'
+        body = f'    name: "{spec["name"]}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n'
+        return f"{kind} [\n  {{\n{body}  }}\n]\n"
 
     preferred = [b for b in batch_sizes if b > 1]
     lines = [
@@ -395,7 +414,9 @@ def update_card(out_dir: str | Path, **fields: Any) -> dict[str, Any]:
 # ---- the output folder ----------------------------------------------------------------------
 
 
-def _refuse_existing(out_dir: Path, force: bool) -> None:
+def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Raise unless `out_dir` is free: absent, empty, or (with `force`) a previous export."""
+    out_dir = Path(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -417,12 +438,12 @@ def staged_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     every moment `out_dir` is either the complete old export or the complete new one.
     """
     out_dir = Path(out_dir)
-    _refuse_existing(out_dir, force)
+    check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield staging
-        _refuse_existing(out_dir, force)  # something may have appeared there meanwhile
+        check_out_dir(out_dir, force)  # something may have appeared there meanwhile
         retired = None
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
@@ -437,6 +458,29 @@ def staged_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
 # ---- the entry point ------------------------------------------------------------------------
 
 
+def preflight(
+    out_dir: str | Path, formats: str | Iterable[str] = FORMATS, force: bool = False
+) -> tuple[tuple[str, ...], list[str]]:
+    """The checks that need no model: (formats, warnings), or a HwawareError. Cheap, so callers run it first.
+
+    Unknown formats, a taken output folder and TensorRT asked for alone where it cannot run are
+    errors; TensorRT asked for with other formats where it cannot run is a warning and is dropped.
+    """
+    from hwaware.tensorrt_build import tensorrt_unavailable_reason
+
+    wanted = parse_formats(formats)
+    check_out_dir(out_dir, force)
+    if "tensorrt" not in wanted:
+        return wanted, []
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        return wanted, []
+    if wanted == ("tensorrt",):
+        raise HwawareError(f"tensorrt: {reason}; nothing else was asked for, so nothing was exported")
+    skipped = f"tensorrt: skipped, {reason}; the other formats were exported"
+    return tuple(f for f in wanted if f != "tensorrt"), [skipped]
+
+
 def export_model(
     model: nn.Module,
     arch: Arch,
@@ -449,6 +493,7 @@ def export_model(
     card_extra: dict[str, Any] | None = None,
     sample_inputs: torch.Tensor | None = None,
     opset: int = DEFAULT_OPSET,
+    onnx_dynamo: bool = False,
     timing_cache: str | Path | None = None,
 ) -> ExportResult:
     """Export `model` (the timm ViT of `arch`, e.g. `SuperViT.extract(arch)`) into `out_dir`.
@@ -460,6 +505,7 @@ def export_model(
     images the ONNX/TensorRT outputs are also checked on. `card_extra`: fields for `card.json`
     (val_top1, test_top1, predicted_latency_ms, measured_latency_ms, ...). `timing_cache`: a
     TensorRT timing cache file to reuse across builds (default: `timing.cache` in the export).
+    `onnx_dynamo`: use the torch.export-based ONNX exporter instead of the TorchScript one.
     Where TensorRT cannot run, the other formats are still written and `warnings` says why;
     asking for TensorRT alone there is an error.
     """
@@ -467,9 +513,9 @@ def export_model(
 
     import hwaware
     from hwaware.costs import arch_cost
-    from hwaware.tensorrt_build import tensorrt_unavailable_reason
-
-    wanted = parse_formats(formats)
+    wanted, result_warnings = preflight(out_dir, formats, force)
+    for warning in result_warnings:
+        log.warning(warning)
     precision = _check_precision(precision)
     batch_sizes = parse_batch_sizes(batch_sizes)
     space.validate(arch)
@@ -483,16 +529,7 @@ def export_model(
                                f"got {list(sample_inputs.shape)}")
         sample_inputs = sample_inputs.detach().float().cpu()
 
-    result_warnings: list[str] = []
     build_trt = "tensorrt" in wanted
-    if build_trt:
-        reason = tensorrt_unavailable_reason()
-        if reason and set(wanted) <= {"tensorrt"}:
-            raise HwawareError(f"tensorrt: {reason}; nothing else was asked for, so nothing was exported")
-        if reason:
-            result_warnings.append(f"tensorrt: skipped, {reason}; the other formats were exported")
-            log.warning(result_warnings[-1])
-            build_trt = False
     needs_onnx = bool({"onnx", "tensorrt", "triton"} & set(wanted))
     out_dir = Path(out_dir)
     name = triton_name(out_dir)
@@ -524,10 +561,10 @@ def export_model(
         if needs_onnx:
             bar.set_postfix_str("onnx")
             onnx_path = staging / ONNX_FILE
-            export_onnx(model, space, onnx_path, precision, opset)
+            export_onnx(model, space, onnx_path, precision, opset, onnx_dynamo)
             checks = _verify("onnx", lambda x: onnx_max_abs_diff(onnx_path, model, x), model, space, batch_sizes,
                              sample_inputs, precision)
-            card["onnx"] = {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": "torch.onnx (dynamo)",
+            card["onnx"] = {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": _exporter_name(onnx_dynamo),
                             "input": INPUT_NAME, "output": OUTPUT_NAME, **checks}
             written.append("onnx")
             bar.update()

@@ -96,9 +96,13 @@ def read_metadata(plan_path: str | Path) -> dict[str, Any]:
 
 
 def _profile_shapes(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
-    """min / opt / max batch of the optimisation profile; opt is the median batch size asked for."""
+    """min / opt / max batch of the optimisation profile: 1 / median / largest of the sizes asked for.
+
+    min is 1 whatever was asked, so every batch up to the largest runs: Triton's dynamic
+    batcher sends any size up to `max_batch_size`.
+    """
     ordered = sorted(batch_sizes)
-    return ordered[0], int(statistics.median_low(ordered)), ordered[-1]
+    return 1, int(statistics.median_low(ordered)), ordered[-1]
 
 
 def build_engine(

@@ -23,6 +23,7 @@ from hwaware.export import (
     onnx_io,
     parse_batch_sizes,
     parse_formats,
+    preflight,
     read_card,
     update_card,
 )
@@ -152,6 +153,19 @@ def test_fp16_onnx_has_half_inputs_and_stays_close(exported_fp16, model):
     assert exported_fp16.card["onnx"]["max_abs_diff_random"] < 2e-2
     assert exported_fp16.formats == ("onnx", "triton")
     assert not (exported_fp16.out_dir / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_gives_the_same_model(tmp_path, model):
+    from hwaware.export import export_onnx
+
+    path = tmp_path / "dynamo.onnx"
+    export_onnx(model, SPACE, path, dynamo=True)
+    assert onnx_io(path)["input"] == {"name": "input", "shape": [None, 1, 8, 8], "elem_type": "FLOAT"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(["logits"], {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4)
 
 
 # ---- Triton --------------------------------------------------------------------------------
@@ -352,7 +366,8 @@ def test_engine_metadata_comparison():
     errors, _ = engine_mismatches(BUILT, {**BUILT, "gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"})
     assert errors == ["built with compute capability 9.0, this machine has 8.0"]
     errors, warnings = engine_mismatches(BUILT, {**BUILT, "gpu": "NVIDIA H200"})
-    assert errors == [] and warnings == ["built on NVIDIA H100 80GB HBM3, running on NVIDIA H200: rebuild for best speed"]
+    assert errors == []
+    assert warnings == ["built on NVIDIA H100 80GB HBM3, running on NVIDIA H200: rebuild for best speed"]
     errors, _ = engine_mismatches({"gpu": "x"}, BUILT)
     assert errors == ["the build metadata has no tensorrt_version", "the build metadata has no compute_capability"]
 
@@ -374,6 +389,8 @@ def test_tensorrt_alone_without_tensorrt_is_an_error(tmp_path, model):
     with pytest.raises(HwawareError, match=f"tensorrt: {re.escape(TRT_MISSING)}; nothing else was asked for"):
         export_model(model, ARCH, SPACE, tmp_path / "m", formats="tensorrt")
     assert list(tmp_path.iterdir()) == []
+    formats, warnings = preflight(tmp_path / "m", "tensorrt,timm")
+    assert formats == ("timm",) and warnings == [f"tensorrt: skipped, {TRT_MISSING}; the other formats were exported"]
 
 
 @pytest.mark.gpu
