@@ -401,3 +401,28 @@ def test_partial_log_header_is_checked(tmp_path):
     log.write_text("a,b\n1,2\n")
     with pytest.raises(HwawareError, match="not a partial profiling log"):
         profiling.PartialLog(log).read()
+
+
+@pytest.mark.slow
+def test_cli_profile_survives_sigkill_and_resumes(tmp_path):
+    """The real thing: `hwaware profile` killed with SIGKILL mid-run, then run again to completion."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "hwaware.cli", "profile", "--device", "cpu", "--space", "digits", "--backend",
+            "torch", "--out", str(tmp_path), "--min-repeats", "3", "--min-time", "0", "--warmup", "1",
+            "--fit-subnets", "3", "--holdout-subnets", "3", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cpu-torch-fp32-digits-b1.csv.partial"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 10):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert log.exists() and not (tmp_path / "cpu-torch-fp32-digits-b1.csv").exists()
+    before = {(r["kind"], r["key"]) for r in profiling.PartialLog(log).read() if r["kind"] in ("piece", "subnet")}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    table = LatencyTable.load(tmp_path / "cpu-torch-fp32-digits-b1.csv")
+    assert len(table.rows) == 33 and table.rows["piece"].is_unique and table.validation["n"] == 3
+    assert before and not log.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,9 @@ class LatencyTable:
     # ---- prediction -----------------------------------------------------------------------------
     def piece_sum(self, arch: Arch) -> float:
         """Sum of the pieces' latencies (median, or min where the table says so), ms, before the correction."""
+        d = arch.embed_dim
         try:
-            blocks = self._blocks
-            d = arch.embed_dim
-            return self._ends[d] + sum(blocks[(d, h, r)] for h, r in zip(arch.num_heads, arch.mlp_ratios, strict=False))
+            return self._ends[d] + sum(map(self._blocks.__getitem__, zip(repeat(d), arch.num_heads, arch.mlp_ratios)))
         except KeyError:
             missing = [p.key for p in pieces(arch) if p not in self.piece_ms]
             raise HwawareError(f"latency table: {self.path or 'table'} has no row for {', '.join(missing)} "

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Every GPU path of hwaware.latency on one CUDA machine, in about 8 minutes:
+#   1. the gpu-marked latency tests (torch fp16/bf16 with CUDA events; TensorRT if installed),
+#   2. H200 tables for autoformer-t with the torch backend, fp16 and bf16, batch 1 and 64,
+#   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
+#   4. TensorRT fp16 batch 1 if tensorrt is installed.
+# Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
+# after a timeout continues where it stopped. Settings are shortened for the time box and
+# recorded in each sidecar.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+TABLES=${OUT:-.}/latency_tables
+mkdir -p "$TABLES"
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-480} ))
+left() { echo $(( DEADLINE - $(date +%s) )); }
+QUICK=(--min-repeats 50 --min-time 0.2 --warmup 10 --fit-subnets 10 --holdout-subnets 30 --quiet)
+
+"$PY" - <<'PYEOF'
+import torch, onnxruntime as ort
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+try:
+    import tensorrt
+    print("tensorrt", tensorrt.__version__)
+except ImportError:
+    print("tensorrt: not installed")
+PYEOF
+"$PY" -m pip install -q -e . --no-deps 2>/dev/null || true
+
+run() {  # run LABEL CMD...: within the time left, report status
+  local label=$1; shift
+  local budget; budget=$(left)
+  if [ "$budget" -le 20 ]; then echo "SKIP $label (out of time)"; return; fi
+  echo "== $label (${budget}s left)"
+  timeout "$budget" "$@"; echo "== $label: exit $?"
+}
+
+run "gpu tests" "$PY" -m pytest tests/test_latency.py -m gpu -q -p no:cacheprovider
+DEVICE=$("$PY" - <<'PYEOF'
+from hwaware.errors import HwawareError
+from hwaware.latency.devices import find_present, list_profiles, load_device_profile
+for name in list_profiles():
+    profile = load_device_profile(name)
+    if profile.kind == "cuda":
+        try:
+            find_present(profile)
+            print(name)
+            break
+        except HwawareError:
+            pass
+PYEOF
+)
+DEVICE=${DEVICE:-h200}
+echo "device profile: $DEVICE"
+for precision in fp16 bf16; do
+  for batch in 1 64; do
+    run "torch $precision b$batch" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
+      --backend torch --precision "$precision" --batch "$batch" --out "$TABLES" "${QUICK[@]}"
+  done
+done
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+  run "onnxruntime fp16 b1" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
+    --backend onnxruntime --precision fp16 --batch 1 --out "$TABLES" "${QUICK[@]}"
+else
+  echo "SKIP onnxruntime on CUDA: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+fi
+if "$PY" -c "import tensorrt" 2>/dev/null; then
+  run "tensorrt fp16 b1" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
+    --backend tensorrt --precision fp16 --batch 1 --out "$TABLES" "${QUICK[@]}"
+else
+  echo "SKIP tensorrt: not installed (pip install tensorrt)"
+fi
+"$PY" - "$TABLES" <<'PYEOF'
+import json, sys, pathlib
+for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    m = json.loads(side.read_text()); v = m.get("validation") or {}
+    if v.get("n"):
+        print(f"{side.stem}: n={v['n']} mape={100*v['mape']:.2f}% within5={100*v['within_5pct']:.0f}% "
+              f"within10={100*v['within_10pct']:.0f}% tau={v['kendall_tau']:.3f}")
+PYEOF
