@@ -11,8 +11,9 @@ give the same timm ViT (fused attention decomposed to MatMul/Softmax, dynamic ba
 within 1e-6 of PyTorch); the TorchScript one (`dynamo=False`, deprecated since torch 2.9 but
 present) is the default because it writes opset 17 natively and takes ~0.6 s on a digits
 model and ~2.5 s on AutoFormer-T on this 2-core machine, where the torch.export one
-(`dynamo=True`) takes 5-15 s and 16-25 s and must convert down from opset 18. A traced graph could bake the example batch in; running ONNX Runtime at every
-export batch size catches that. `dynamo=True` stays one argument away for when it is gone.
+(`dynamo=True`) takes 5-15 s and 16-25 s and must convert down from opset 18. A traced
+graph could bake the example batch in; running ONNX Runtime at every export batch size
+catches that. `dynamo=True` stays one argument away for when the TorchScript one is gone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -242,7 +243,8 @@ def export_onnx(
 
 
 def _exporter_name(dynamo: bool) -> str:
-    return f"torch.onnx {'torch.export (dynamo=True)' if dynamo else 'TorchScript (dynamo=False)'}, torch {torch.__version__}"
+    kind = "torch.export (dynamo=True)" if dynamo else "TorchScript (dynamo=False)"
+    return f"torch.onnx {kind}, torch {torch.__version__}"
 
 
 def onnx_opset(path: str | Path) -> int:
@@ -270,32 +272,31 @@ def onnx_io(path: str | Path) -> dict[str, dict[str, Any]]:
     return {"input": inputs[0], "output": describe(graph.output[0])}
 
 
-def onnx_max_abs_diff(path: str | Path, model: nn.Module, images: torch.Tensor) -> tuple[float, float]:
-    """(max |ONNX Runtime - PyTorch fp32|, top-1 agreement) on `images`, in the ONNX file's precision."""
+def onnx_runner(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function: images -> logits from ONNX Runtime (CPU), fed in the file's precision."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_type = session.get_inputs()[0].type
-    feed = images.to(torch.float16 if "float16" in input_type else torch.float32).numpy()
-    got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0]).float()
-    with torch.no_grad():
-        want = model.float().eval()(images.float())
-    return _compare(got, want)
+    half = "float16" in session.get_inputs()[0].type
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        feed = images.to(torch.float16 if half else torch.float32).numpy()
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: feed})[0])
+
+    return run
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    diff = (got.float().cpu() - want.float().cpu()).abs().max().item()
-    agreement = (got.argmax(-1).cpu() == want.argmax(-1).cpu()).float().mean().item()
-    return diff, agreement
-
-
-def _check_tolerance(what: str, diff: float, reference: torch.Tensor, precision: str) -> None:
-    scale = max(1.0, reference.abs().max().item())
-    if not diff <= TOLERANCE[precision] * scale:  # `not <=` also catches NaN
+def _compare(what: str, got: torch.Tensor, want: torch.Tensor, precision: str) -> tuple[float, float]:
+    """(max |got - want|, top-1 agreement); raises if the difference is beyond `precision`'s tolerance."""
+    got, want = got.float().cpu(), want.float().cpu()
+    diff = (got - want).abs().max().item()
+    allowed = TOLERANCE[precision] * max(1.0, want.abs().max().item())
+    if not diff <= allowed:  # `not <=` also catches NaN
         raise HwawareError(
-            f"{what}: outputs differ from PyTorch by {diff:.3g} (allowed {TOLERANCE[precision] * scale:.3g} for "
-            f"{precision}); the exported model is not the same model"
+            f"{what}: outputs differ from PyTorch by {diff:.3g} (allowed {allowed:.3g} for {precision}); "
+            "the exported model is not the same model"
         )
+    return diff, (got.argmax(-1) == want.argmax(-1)).float().mean().item()
 
 
 def _random_images(space: SearchSpace, batch_sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -304,21 +305,23 @@ def _random_images(space: SearchSpace, batch_sizes: tuple[int, ...]) -> list[tor
 
 
 def _verify(
-    what: str, run, model: nn.Module, space: SearchSpace, batch_sizes, sample_inputs, precision: str
+    what: str,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    space: SearchSpace,
+    batch_sizes: tuple[int, ...],
+    sample_inputs: torch.Tensor | None,
+    precision: str,
 ) -> dict[str, Any]:
-    """Check `run(images) -> (diff, agreement)` on random images at every batch size and on the real sample."""
-    report: dict[str, Any] = {}
-    worst = 0.0
-    for images in _random_images(space, batch_sizes):
-        diff, _ = run(images)
+    """Compare `run(images)` with the fp32 PyTorch model on random images at every batch size and on the real sample."""
+
+    def check(images: torch.Tensor) -> tuple[float, float]:
         with torch.no_grad():
-            _check_tolerance(what, diff, model(images), precision)
-        worst = max(worst, diff)
-    report["max_abs_diff_random"] = worst
+            return _compare(what, run(images), model(images), precision)
+
+    report: dict[str, Any] = {"max_abs_diff_random": max(check(x)[0] for x in _random_images(space, batch_sizes))}
     if sample_inputs is not None:
-        diff, agreement = run(sample_inputs)
-        with torch.no_grad():
-            _check_tolerance(what, diff, model(sample_inputs), precision)
+        diff, agreement = check(sample_inputs)
         report["max_abs_diff_sample"] = diff
         report["sample_top1_agreement"] = agreement
         report["sample_count"] = int(sample_inputs.shape[0])
@@ -501,7 +504,7 @@ def export_model(
     `formats`: any of timm, onnx, tensorrt, triton (TensorRT and Triton are built from the ONNX
     file, so asking for them writes it too). `precision` applies to ONNX/TensorRT/Triton; timm
     weights stay as they are. `batch_sizes` set the verification batches, the TensorRT profile
-    (min/median/max) and Triton's `max_batch_size` and preferred batches. `sample_inputs`: real
+    (1/median/max) and Triton's `max_batch_size` and preferred batches. `sample_inputs`: real
     images the ONNX/TensorRT outputs are also checked on. `card_extra`: fields for `card.json`
     (val_top1, test_top1, predicted_latency_ms, measured_latency_ms, ...). `timing_cache`: a
     TensorRT timing cache file to reuse across builds (default: `timing.cache` in the export).
@@ -513,6 +516,7 @@ def export_model(
 
     import hwaware
     from hwaware.costs import arch_cost
+
     wanted, result_warnings = preflight(out_dir, formats, force)
     for warning in result_warnings:
         log.warning(warning)
@@ -562,8 +566,7 @@ def export_model(
             bar.set_postfix_str("onnx")
             onnx_path = staging / ONNX_FILE
             export_onnx(model, space, onnx_path, precision, opset, onnx_dynamo)
-            checks = _verify("onnx", lambda x: onnx_max_abs_diff(onnx_path, model, x), model, space, batch_sizes,
-                             sample_inputs, precision)
+            checks = _verify("onnx", onnx_runner(onnx_path), model, space, batch_sizes, sample_inputs, precision)
             card["onnx"] = {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": _exporter_name(onnx_dynamo),
                             "input": INPUT_NAME, "output": OUTPUT_NAME, **checks}
             written.append("onnx")
@@ -596,16 +599,12 @@ def _export_tensorrt(
     sample_inputs: torch.Tensor | None, timing_cache: Path,
 ) -> dict[str, Any]:
     """Build `model.plan` from the staged ONNX file and check the engine's outputs against PyTorch on the GPU."""
-    from hwaware.tensorrt_build import build_engine, load_engine, run_engine
+    from hwaware.tensorrt_build import build_engine, load_engine, metadata_path, run_engine
 
     plan = staging / PLAN_FILE
     metadata = build_engine(staging / ONNX_FILE, plan, precision, batch_sizes, timing_cache)
     engine = load_engine(plan)
 
-    def run(images: torch.Tensor) -> tuple[float, float]:
-        with torch.no_grad():
-            return _compare(run_engine(engine, images), model(images))
-
     # TensorRT may use TF32 for fp32 layers, so its fp32 engine is held to the fp16 tolerance
-    checks = _verify("tensorrt", run, model, space, batch_sizes, sample_inputs, "fp16")
-    return {"file": PLAN_FILE, "metadata": Path(plan.name + ".json").name, **metadata, **checks}
+    checks = _verify("tensorrt", lambda x: run_engine(engine, x), model, space, batch_sizes, sample_inputs, "fp16")
+    return {"file": PLAN_FILE, "metadata": metadata_path(plan).name, **metadata, **checks}
