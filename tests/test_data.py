@@ -1,0 +1,148 @@
+"""Datasets and loaders: the digits split, spec parsing, fit checks, resumable order and seeded augmentation."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from hwaware.data import ResumableSampler, build_dataset, build_loader
+from hwaware.errors import HwawareError
+from hwaware.space import get_space
+
+DIGITS = get_space("digits")
+
+
+def _labels(dataset) -> np.ndarray:
+    return np.array([dataset[i][1] for i in range(len(dataset))])
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    splits = {s: build_dataset("digits", DIGITS, s) for s in ("train", "val", "test")}
+    sizes = {s: len(d) for s, d in splits.items()}
+    assert sum(sizes.values()) == 1797 and sizes["train"] > 4 * sizes["val"] and abs(sizes["val"] - sizes["test"]) <= 1
+    images = {s: d.raw.flatten(1) for s, d in splits.items()}
+    # disjoint: no val/test image occurs in train (digits has a handful of exact duplicates, so compare counts)
+    all_rows = torch.cat(list(images.values()))
+    assert len(all_rows) == 1797
+    for split, dataset in splits.items():
+        counts = np.bincount(_labels(dataset), minlength=10)
+        assert counts.min() >= 0.08 * len(dataset) and counts.max() <= 0.12 * len(dataset), split
+    again = build_dataset("digits", DIGITS, "val")
+    assert torch.equal(again.raw, splits["val"].raw) and torch.equal(again.targets, splits["val"].targets)
+
+
+def test_digits_items_are_normalised_1x8x8():
+    train = build_dataset("digits", DIGITS, "train")
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    assert x.shape == (len(train), 1, 8, 8) and x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_space_mismatch_is_an_error():
+    with pytest.raises(HwawareError, match="classes"):
+        build_dataset("digits", replace(DIGITS, num_classes=100), "train")
+    with pytest.raises(HwawareError, match="img_size"):
+        build_dataset("digits", replace(DIGITS, img_size=16), "val")
+    with pytest.raises(HwawareError, match="channels"):
+        build_dataset("digits", replace(DIGITS, in_chans=3), "val")
+
+
+@pytest.mark.parametrize("spec", ["mnist", "digits:extra", "imagefolder", "imagefolder:", "cifar10"])
+def test_bad_specs(spec):
+    with pytest.raises(HwawareError, match="data"):
+        build_dataset(spec, DIGITS, "train")
+
+
+def test_bad_split():
+    with pytest.raises(HwawareError, match="split"):
+        build_dataset("digits", DIGITS, "holdout")
+
+
+def test_missing_and_empty_paths(tmp_path):
+    space = get_space("autoformer-t")
+    with pytest.raises(HwawareError, match="does not exist"):
+        build_dataset(f"imagefolder:{tmp_path / 'nope'}", space, "train")
+    with pytest.raises(HwawareError, match="empty"):
+        build_dataset(f"cifar10:{tmp_path}", space, "train")
+    (tmp_path / "junk.txt").write_text("x")
+    with pytest.raises(HwawareError, match="cifar|not found|corrupted"):
+        build_dataset(f"cifar10:{tmp_path}", space, "train")
+    with pytest.raises(HwawareError, match="train"):
+        build_dataset(f"imagefolder:{tmp_path}", space, "train")
+
+
+def _write_imagefolder(root, classes: int, per_class: int = 2):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_fits_space_and_checks_classes(tmp_path):
+    _write_imagefolder(tmp_path, classes=3)
+    space = replace(get_space("digits"), name="tiny-rgb", in_chans=3, img_size=32, patch_size=8, num_classes=3)
+    train = build_dataset(f"imagefolder:{tmp_path}", space, "train", augment=True)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and label == 0
+    assert len(build_dataset(f"imagefolder:{tmp_path}", space, "val")) == 6
+    with pytest.raises(HwawareError, match="3 classes"):
+        build_dataset(f"imagefolder:{tmp_path}", replace(space, num_classes=10), "val")
+    with pytest.raises(HwawareError, match="test"):
+        build_dataset(f"imagefolder:{tmp_path}", space, "test")
+
+
+def test_synthetic_has_space_shape_and_is_deterministic():
+    space = get_space("autoformer-t")
+    data = build_dataset("synthetic", space, "val")
+    x, y = data[3]
+    assert x.shape == (3, 224, 224) and 0 <= y < 1000
+    assert torch.equal(build_dataset("synthetic", space, "val")[3][0], x)
+
+
+def test_sampler_resumes_mid_epoch_and_shards():
+    full = list(ResumableSampler(103, shuffle=True, seed=5, epoch=2))
+    assert sorted(i for _, i in full) == list(range(103))
+    assert list(ResumableSampler(103, shuffle=True, seed=5, epoch=2, start=40)) == full[40:]
+    assert [i for _, i in ResumableSampler(103, shuffle=True, seed=5, epoch=3)] != [i for _, i in full]
+    shards = [[i for _, i in ResumableSampler(103, True, 5, 2, rank=r, world_size=2)] for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 52 and set(shards[0]) | set(shards[1]) == set(range(103))
+    plain = [[i for _, i in ResumableSampler(103, False, rank=r, world_size=2)] for r in range(2)]
+    assert sorted(plain[0] + plain[1]) == list(range(103))  # evaluation: every item exactly once
+
+
+class _RandomlyAugmented(Dataset):
+    """Item i plus noise from the global RNGs, as timm's transforms draw it."""
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        return torch.full((2,), float(i)) + torch.rand(2) + random.random() + float(np.random.rand()), i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_started_mid_epoch_sees_the_same_augmented_batches(workers):
+    kwargs = dict(shuffle=True, seed=3, epoch=1, num_workers=workers)
+    full = list(build_loader(_RandomlyAugmented(), DIGITS, "train", 8, **kwargs))
+    torch.manual_seed(123)  # the main process's RNG state must not matter
+    resumed = list(build_loader(_RandomlyAugmented(), DIGITS, "train", 8, start_batch=4, **kwargs))
+    assert len(full) == 6 and len(resumed) == 2  # drop_last on shuffled loaders
+    for (xa, ya), (xb, yb) in zip(full[4:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other_epoch = next(iter(build_loader(_RandomlyAugmented(), DIGITS, "train", 8, shuffle=True, seed=3, epoch=2)))
+    assert not torch.equal(other_epoch[0], full[0][0])
+
+
+def test_eval_loader_keeps_every_item():
+    loader = build_loader("digits", DIGITS, "val", 64)
+    assert sum(len(y) for _, y in loader) == len(build_dataset("digits", DIGITS, "val"))
