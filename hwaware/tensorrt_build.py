@@ -95,7 +95,7 @@ def read_metadata(plan_path: str | Path) -> dict[str, Any]:
         raise HwawareError(f"{path}: unreadable build metadata ({exc})") from None
 
 
-def _profile_shapes(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
+def profile_shapes(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
     """min / opt / max batch of the optimisation profile: 1 / median / largest of the sizes asked for.
 
     min is 1 whatever was asked, so every batch up to the largest runs: Triton's dynamic
@@ -143,8 +143,13 @@ def build_engine(
     if precision == "fp16" and weakly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     network_input = network.get_input(0)
+    if not weakly_typed and precision == "fp16" and network_input.dtype != trt.float16:
+        raise HwawareError(
+            f"tensorrt: TensorRT {trt.__version__} builds in the ONNX graph's own types and {onnx_path} is not fp16; "
+            "export it with precision fp16"
+        )
     sample_shape = tuple(network_input.shape)[1:]
-    low, opt, high = _profile_shapes(tuple(batch_sizes))
+    low, opt, high = profile_shapes(tuple(batch_sizes))
     profile = builder.create_optimization_profile()
     profile.set_shape(network_input.name, (low, *sample_shape), (opt, *sample_shape), (high, *sample_shape))
     config.add_optimization_profile(profile)

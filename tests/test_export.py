@@ -29,7 +29,13 @@ from hwaware.export import (
 )
 from hwaware.space import BUILTIN_SPACES, Arch
 from hwaware.supernet import SuperViT
-from hwaware.tensorrt_build import engine_mismatches, load_engine, metadata_path, tensorrt_unavailable_reason
+from hwaware.tensorrt_build import (
+    engine_mismatches,
+    load_engine,
+    metadata_path,
+    profile_shapes,
+    tensorrt_unavailable_reason,
+)
 
 SPACE = BUILTIN_SPACES["digits"]
 ARCH = Arch(48, (4, 1, 2), (2.0, 4.0, 3.0))  # per-layer heads and MLP ratios differ on purpose
@@ -370,6 +376,12 @@ def test_engine_metadata_comparison():
     assert warnings == ["built on NVIDIA H100 80GB HBM3, running on NVIDIA H200: rebuild for best speed"]
     errors, _ = engine_mismatches({"gpu": "x"}, BUILT)
     assert errors == ["the build metadata has no tensorrt_version", "the build metadata has no compute_capability"]
+
+
+def test_profile_covers_every_batch_up_to_the_largest():
+    assert profile_shapes((1, 8, 32)) == (1, 8, 32)
+    assert profile_shapes((16, 4)) == (1, 4, 16)
+    assert profile_shapes((2,)) == (1, 2, 2)
 
 
 def test_load_engine_needs_its_metadata(tmp_path):
