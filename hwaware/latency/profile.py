@@ -118,9 +118,12 @@ class Profiler:
         self.pieces = space_pieces(space)
         rng.shuffle(self.pieces)
         self.subnets = sample_subnets(space, settings.fit_subnets + settings.holdout_subnets, rng)
-        self.anchor = Piece("block", _median_choice(space.embed_dims), _median_choice(space.num_heads),
-                            _median_choice(space.mlp_ratios))
-        self._anchor_runner = None
+        # One anchor per phase, alike to what the phase times: a middle block among pieces, the middle
+        # subnet among subnets (a whole model feels cache and memory contention a small block does not).
+        middle_block = Piece("block", _median_choice(space.embed_dims), _median_choice(space.num_heads),
+                             _median_choice(space.mlp_ratios))
+        self.anchors = {"pieces": _Item.piece(middle_block), "subnets": _Item.subnet(space.middle())}
+        self._anchor_runners: dict = {}
         self._workdir = tempfile.TemporaryDirectory(prefix="hwaware-profile-")
 
     # ---- configuration that a resumed run must share ---------------------------------------------
@@ -157,10 +160,10 @@ class Profiler:
         workdir.mkdir(exist_ok=True)
         return self.backend.prepare(module, example, workdir)
 
-    def _anchor(self):
-        if self._anchor_runner is None:
-            self._anchor_runner = self._prepare(_Item.piece(self.anchor))
-        return self._anchor_runner
+    def _anchor(self, phase: str):
+        if phase not in self._anchor_runners:
+            self._anchor_runners[phase] = self._prepare(self.anchors[phase])
+        return self._anchor_runners[phase]
 
     def _value(self, stats: Stats) -> float:
         return stats.min_ms if self.settings.statistic == "min" else stats.median_ms
@@ -180,7 +183,7 @@ class Profiler:
             started = time.perf_counter()
             runners.append(self._prepare(item))
             prepare_s.append(time.perf_counter() - started)
-        anchor = self._anchor()
+        anchor = self._anchor(phase)
         wasted = 0.0
         for attempt in range(self.settings.max_remeasure + 1):
             started = time.perf_counter()
@@ -190,11 +193,12 @@ class Profiler:
             ratio = value / min([*anchors, value])
             drifted = ratio - 1 > self.settings.drift_tolerance
             if drifted and attempt < self.settings.max_remeasure:
-                wasted += timing_s
+                wasted += timing_s + attempt + 1
                 anchors.append(value)
+                time.sleep(attempt + 1)  # let a burst of load from elsewhere pass
                 continue
             share = timing_s / len(items)
-            rows = [self._row("anchor", f"{self.anchor.key}#{phase}", anchor_stats, 0.0, attempt, drifted, ratio)]
+            rows = [self._row("anchor", f"anchor#{phase}", anchor_stats, 0.0, attempt, drifted, ratio)]
             rows += [self._row(item.kind, item.key, st, prep + share, attempt, drifted, ratio)
                      for item, st, prep in zip(items, stats, prepare_s, strict=True)]
             if wasted:
@@ -211,7 +215,7 @@ class Profiler:
         done = self._start_or_resume()
         have = {(r["kind"], r["key"]) for r in done}
         column = f"{self.settings.statistic}_ms"
-        anchors = [float(r[column]) for r in done if r["kind"] == "anchor"]
+        anchors = {phase: [float(r[column]) for r in done if r["key"] == f"anchor#{phase}"] for phase in self.anchors}
         todo = {
             "pieces": [_Item.piece(p) for p in self.pieces if ("piece", p.key) not in have],
             "subnets": [_Item.subnet(a) for a in self.subnets if ("subnet", a.to_json()) not in have],
@@ -224,9 +228,9 @@ class Profiler:
                 step = max(1, self.settings.anchor_every)
                 for i in range(0, len(items), step):
                     segment = items[i: i + step]
-                    rows = self._segment(segment, phase, anchors)
+                    rows = self._segment(segment, phase, anchors[phase])
                     self.log.append(rows)
-                    anchors.extend(float(r[column]) for r in rows if r["kind"] == "anchor")
+                    anchors[phase].extend(float(r[column]) for r in rows if r["kind"] == "anchor")
                     bar.update(len(segment))
         table = self.finalize(self.log.read())
         table.save(self.csv_path)
@@ -269,7 +273,9 @@ class Profiler:
                             "piece_sum_ms": raw.piece_sum(arch), "pieces": arch.depth + 2,
                             "split": "fit" if i < self.settings.fit_subnets else "holdout",
                             "drifted": bool(int(r["drifted"]))})
-        fit = [s for s in subnets if s["split"] == "fit"]
+        fit = [s for s in subnets if s["split"] == "fit" and not s["drifted"]]
+        if len(fit) < 3:  # too few clean ones: fit on all, the sidecar's drift counts say so
+            fit = [s for s in subnets if s["split"] == "fit"]
         calibration = Calibration.fit([s["piece_sum_ms"] for s in fit], [s["pieces"] for s in fit],
                                       [s["measured_ms"] for s in fit])
         for s in subnets:
@@ -280,8 +286,11 @@ class Profiler:
         meta["validation_uncalibrated"] = validation_metrics([s["measured_ms"] for s in held],
                                                              [s["piece_sum_ms"] for s in held])
         meta["subnets"] = subnets
+        clean = [s for s in held if not s["drifted"]]
+        meta["validation_without_drifted"] = validation_metrics([s["measured_ms"] for s in clean],
+                                                                [s["predicted_ms"] for s in clean])
         meta["validation_other_statistic"] = _other_statistic_validation(rows, subnets, self.settings)
-        meta["drift"] = _drift_summary(log_rows, self.anchor, self.settings)
+        meta["drift"] = _drift_summary(log_rows, self.anchors, self.settings)
         meta["timing"] = _timing_summary(log_rows)
         return LatencyTable(rows, meta)
 
@@ -299,12 +308,15 @@ def _other_statistic_validation(rows: pd.DataFrame, subnets: list[dict], setting
                                                      [cal.apply(sums[i], arch[i].depth + 2) for i in held])}
 
 
-def _drift_summary(log_rows: list[dict], anchor: Piece, settings: MeasureSettings) -> dict:
-    anchors = [float(r[f"{settings.statistic}_ms"]) for r in log_rows if r["kind"] == "anchor"]
+def _drift_summary(log_rows: list[dict], anchors: dict, settings: MeasureSettings) -> dict:
+    column = f"{settings.statistic}_ms"
+    spans = {}
+    for phase, item in anchors.items():
+        values = [float(r[column]) for r in log_rows if r["key"] == f"anchor#{phase}"]
+        spans[phase] = {"anchor": item.key, "min_ms": min(values), "max_ms": max(values)}
     measured = [r for r in log_rows if r["kind"] in ("piece", "subnet")]
     loads = [float(r["load"]) for r in log_rows if r["kind"] != "retry"]
-    return {"anchor": anchor.key, "anchor_min_ms": min(anchors), "anchor_max_ms": max(anchors),
-            "tolerance": settings.drift_tolerance,
+    return {"anchors": spans, "tolerance": settings.drift_tolerance,
             "remeasured_rows": sum(int(r["attempt"]) > 0 for r in measured),
             "rows_still_drifted": sum(int(r["drifted"]) for r in measured),
             "load_average_1min": [min(loads), max(loads)]}
