@@ -117,6 +117,22 @@ def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Pa
     atomic_write_text(folder / CONFIG_FILE, json.dumps(vit_config(arch, space), indent=2) + "\n")
 
 
+def read_model_config(path: str | Path) -> tuple[Arch, SearchSpace]:
+    """The Arch and SearchSpace of an export folder (or its `config.json`)."""
+    path = Path(path)
+    config_path = path if path.name == CONFIG_FILE else path / CONFIG_FILE
+    if not config_path.is_file():
+        raise HwawareError(f"{config_path.parent}: no {CONFIG_FILE}; export with --format timm to get a loadable model")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HwawareError(f"{config_path}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or config.get("architecture") != "hwaware_vit":
+        raise HwawareError(f"{config_path}: not an hwaware model config (architecture must be 'hwaware_vit')")
+    space = SearchSpace.from_dict(config.get("space"), source=f"{config_path}: space")
+    return space.validate(Arch.from_dict(config.get("arch"), source=f"{config_path}: arch")), space
+
+
 def load_model(path: str | Path) -> nn.Module:
     """The timm `VisionTransformer` of an export folder (or its `config.json`), weights loaded, in eval mode."""
     from safetensors import SafetensorError
@@ -126,18 +142,10 @@ def load_model(path: str | Path) -> nn.Module:
 
     path = Path(path)
     folder = path.parent if path.name == CONFIG_FILE else path
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise HwawareError(f"{folder}: no {needed.name}; export with --format timm to get a loadable model")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{config_path}: unreadable ({exc})") from None
-    if not isinstance(config, dict) or config.get("architecture") != "hwaware_vit":
-        raise HwawareError(f"{config_path}: not an hwaware model config (architecture must be 'hwaware_vit')")
-    space = SearchSpace.from_dict(config.get("space"), source=f"{config_path}: space")
-    arch = space.validate(Arch.from_dict(config.get("arch"), source=f"{config_path}: arch"))
+    arch, space = read_model_config(folder)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise HwawareError(f"{folder}: no {WEIGHTS_FILE}; export with --format timm to get a loadable model")
     model = build_vit(arch, space)
     try:
         state = load_file(str(weights_path))
