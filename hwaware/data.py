@@ -115,7 +115,6 @@ def _require_dir(path: Path, what: str) -> None:
 def _imagefolder(root: Path, space: SearchSpace, split: str, augment: bool, auto_augment, reprob) -> Dataset:
     from torchvision.datasets import ImageFolder
 
-    _require_dir(root, "imagefolder root")
     folder = root / split
     if not folder.is_dir():
         raise HwawareError(f"data: {folder} is missing; imagefolder:PATH expects PATH/train and PATH/val (and PATH/test for --split test)")
@@ -131,7 +130,6 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     from torch.utils.data import Subset
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    _require_dir(root, f"cifar{classes} root")
     cls = CIFAR10 if classes == 10 else CIFAR100
     try:
         dataset = cls(str(root), train=split != "test", download=False,
@@ -182,9 +180,10 @@ def build_dataset(
     if kind in ("imagefolder", "cifar10", "cifar100"):
         if not arg:
             raise HwawareError(f"data: {kind}: needs a path, as in {kind}:/data/{kind}")
+        root = Path(arg).expanduser()
+        _require_dir(root, f"{kind} root")
         if space.in_chans != 3:
             raise HwawareError(f"data: {spec} has RGB images but space {space.name} has in_chans {space.in_chans}")
-        root = Path(arg).expanduser()
         if kind == "imagefolder":
             dataset = _imagefolder(root, space, split, augment, auto_augment, reprob)
         else:

@@ -1,0 +1,126 @@
+"""Supernet checkpoints: atomic writes, `weights_only` reads, RNG states, and the run folder's identity.
+
+A checkpoint is a plain dict of tensors and Python primitives so `torch.load(weights_only=True)`
+reads it; numpy's RNG state is stored as a tensor for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import platform
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hwaware.errors import HwawareError
+from hwaware.io import atomic_path, atomic_write_text
+
+FORMAT = "hwaware-supernet-v1"
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "last.pt"
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    import hwaware
+
+    return {"hwaware": str(hwaware.__version__), "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` under a temporary name, then rename: a kill leaves the previous checkpoint whole."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; anything unreadable or foreign is one HwawareError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise HwawareError(f"checkpoint: {path}: no such file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is cut short or foreign
+        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint (not a zip archive)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise HwawareError(f"checkpoint: {path} holds Python objects that weights_only loading refuses; "
+                               "it is not an hwaware supernet checkpoint") from None
+        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise HwawareError(f"checkpoint: {path} is not an hwaware supernet checkpoint (no {FORMAT!r} format tag)")
+    return state
+
+
+# ---- RNG states ---------------------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- the run folder -----------------------------------------------------------------------------
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"
+
+
+def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True) -> None:
+    """Make `out` this run's folder, or refuse (touching nothing) if it holds another run or other files.
+
+    `identity` is what makes two runs the same run (space, data, recipe, seed); rerunning with the
+    same identity resumes, anything else needs a new folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HwawareError(f"out: {out} exists and is not a folder")
+    identity = json.loads(json.dumps(identity))
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise HwawareError(f"out: {run_file} is unreadable ({exc}); choose another --out") from None
+        difference = _first_difference(previous, identity)
+        if difference:
+            raise HwawareError(f"out: {out} holds another run ({difference}); choose another --out or run the same command")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise HwawareError(f"out: {out} is not empty and holds no hwaware run ({RUN_FILE} missing); choose a new folder")
+    if write:
+        atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,246 @@
+"""Supernet training: recipes, the step of each strategy, evaluation, checkpoints, run folders, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from hwaware.cli import main
+from hwaware.data import build_loader
+from hwaware.errors import HwawareError
+from hwaware.space import get_space, save_arch
+from hwaware.train import SupernetTrainer, evaluate, load_supernet, make_config, train_supernet
+
+DIGITS = get_space("digits")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two intra-op threads on 2 shared cores thrash; tiny models train faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# A short digits run: 4 steps per epoch, one subnet per step, a checkpoint mid-epoch.
+TINY = dict(space="digits", data="digits", epochs=2, batch_size=256, strategy="uniform", checkpoint_every=3,
+            progress=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train_supernet(make_config(**TINY, out=str(out)))
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _learned(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Metrics rows without the wall-clock column."""
+    return [{k: v for k, v in row.items() if k != "train_seconds"} for row in rows]
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+def test_recipes_and_overrides(tmp_path):
+    assert make_config(data="digits").epochs == make_config().epochs
+    imagenet = make_config(data="imagefolder:/x")
+    assert (imagenet.mixup, imagenet.epochs, imagenet.drop_path) == (0.8, 500, 0.1)
+    assert make_config("imagenet", epochs=3, lr=None).epochs == 3  # None means "not given"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 7\nstrategy: uniform\n")
+    config = make_config(str(recipe), seed=4)
+    assert (config.epochs, config.strategy, config.seed) == (7, "uniform", 4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(strategy="greedy"), "strategy"),
+    (dict(epochs=0), "epochs"),
+    (dict(lr=-1.0), "lr"),
+    (dict(colour="red"), "unknown setting"),
+    (dict(epochs="many"), "epochs must be int"),
+    (dict(mixup=0.8, batch_size=33), "even"),
+])
+def test_bad_settings(bad, match):
+    with pytest.raises(HwawareError, match=match):
+        make_config(**bad)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(HwawareError, match="neither a built-in recipe"):
+        make_config("no/such/recipe.yaml")
+
+
+# ---- the step -----------------------------------------------------------------------------------
+
+
+def test_subnets_per_step():
+    uniform = SupernetTrainer(make_config(strategy="uniform"), DIGITS, steps_per_epoch=10)
+    sandwich = SupernetTrainer(make_config(strategy="sandwich", num_random=3), DIGITS, steps_per_epoch=10)
+    archs = uniform.step_archs(5)
+    assert len(archs) == 1 and DIGITS.contains(archs[0]) and uniform.step_archs(5) == archs
+    assert len({uniform.step_archs(s)[0] for s in range(20)}) > 10
+    step = sandwich.step_archs(5)
+    assert step[:2] == [DIGITS.largest(), DIGITS.smallest()] and len(step) == 5 and all(map(DIGITS.contains, step))
+
+
+# Uniform sampling over all of digits barely moves any one subnet in a few steps, so its step is
+# checked on a one-subnet space; sandwich trains the largest every step.
+ONE_SUBNET = replace(DIGITS, name="one", embed_dims=(32,), depths=(2,), num_heads=(2,), mlp_ratios=(2.0,))
+
+
+@pytest.mark.parametrize("strategy, space", [("uniform", ONE_SUBNET), ("sandwich", DIGITS)])
+def test_train_step_learns_a_fixed_batch(strategy, space):
+    torch.manual_seed(0)
+    trainer = SupernetTrainer(make_config(strategy=strategy, warmup_epochs=0, smoothing=0.0, lr=3e-3), space, 50)
+    images, labels = next(iter(build_loader("digits", space, "train", 16)))
+    before = evaluate(trainer.model, space.largest(), [(images, labels)])["loss"]
+    for _ in range(20):
+        trainer.train_step(images, labels)
+    assert trainer.step == 20 and trainer.lr < 3e-3  # cosine has started decaying
+    assert evaluate(trainer.model, space.largest(), [(images, labels)])["loss"] < before - 0.1
+
+
+def test_evaluate_counts_and_fractions():
+    model = load_supernet_untrained()
+    loader = build_loader("digits", DIGITS, "val", 100)
+    result = evaluate(model, DIGITS.smallest(), loader)
+    n = sum(len(y) for _, y in loader)
+    assert result["n"] == n and 0 <= result["top1"] <= result["top5"] <= 1
+    logits = torch.cat([model(x, DIGITS.smallest()) for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    assert result["top1"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+
+
+def load_supernet_untrained():
+    from hwaware.supernet import SuperViT
+
+    torch.manual_seed(0)
+    return SuperViT(DIGITS).eval()
+
+
+# ---- runs, checkpoints, evaluation --------------------------------------------------------------
+
+
+def test_run_writes_checkpoint_and_metrics(tiny_run):
+    rows = _rows(tiny_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["step"] == "8"
+    for name in ("largest", "smallest", "middle"):
+        assert 0 <= float(rows[-1][f"val_top1_{name}"]) <= 1
+    model, meta = load_supernet(tiny_run / "last.pt")
+    assert meta["complete"] and meta["epoch"] == 2 and meta["step"] == 8 and meta["data"] == "digits"
+    assert meta["space"] == DIGITS.to_dict() and set(meta["versions"]) >= {"hwaware", "torch", "timm"}
+    assert not model.training
+    val = build_loader("digits", DIGITS, "val", 512)
+    assert evaluate(model, DIGITS.largest(), val)["top1"] == pytest.approx(float(rows[-1]["val_top1_largest"]))
+    assert not any(p.name.endswith(".tmp") for p in tiny_run.iterdir())
+
+
+def test_complete_run_is_left_alone(tiny_run):
+    before = (tiny_run / "last.pt").stat().st_mtime_ns
+    row = train_supernet(make_config(**TINY, out=str(tiny_run)))
+    assert row["epoch"] == 2 and (tiny_run / "last.pt").stat().st_mtime_ns == before
+
+
+def test_folder_holding_another_run_is_refused_untouched(tiny_run):
+    snapshot = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
+    with pytest.raises(HwawareError, match="another run .*seed"):
+        train_supernet(make_config(**{**TINY, "seed": 9}, out=str(tiny_run)))
+    with pytest.raises(HwawareError, match="another run .*strategy"):
+        train_supernet(make_config(**{**TINY, "strategy": "sandwich"}, out=str(tiny_run)))
+    assert {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()} == snapshot
+
+
+def test_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(HwawareError, match="not empty"):
+        train_supernet(make_config(**TINY, out=str(tmp_path)))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_bad_checkpoints(tmp_path, tiny_run):
+    good = (tiny_run / "last.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    for path, match in ((truncated, "truncated"), (garbage, "truncated"), (foreign, "not an hwaware"),
+                        (tmp_path / "missing.pt", "no such file")):
+        with pytest.raises(HwawareError, match=match):
+            load_supernet(path)
+    with pytest.raises(HwawareError, match="trained for space 'digits'"):
+        load_supernet(tiny_run / "last.pt", space=get_space("autoformer-t"))
+
+
+def test_evaluate_cli(tiny_run, tmp_path, capsys):
+    import json
+
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "last.pt"), "--arch", "smallest", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and result["n"] == 270 and 0 <= result["top1"] <= result["top5"] <= 1
+    arch_file = tmp_path / "arch.yaml"
+    save_arch(DIGITS.middle(), arch_file)
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "last.pt"), "--arch", str(arch_file), "--split", "test"]) == 0
+    assert capsys.readouterr().out.startswith("test top-1 ")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 broken")
+    assert main(["evaluate", "--checkpoint", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated, corrupted" in err
+
+
+def test_train_cli_bad_input(tmp_path, capsys):
+    assert main(["train", "--space", "autoformer-t", "--data", "digits", "--out", str(tmp_path / "x")]) == 2
+    assert "classes" in capsys.readouterr().err
+    assert main(["train", "--space", "digits", "--data", f"imagefolder:{tmp_path}/none", "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---- exact resume after SIGKILL -----------------------------------------------------------------
+
+
+def _train_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "hwaware.cli", "train", "--space", "digits", "--data", "digits", "--out", str(out),
+            "--epochs", "2", "--batch-size", "64", "--strategy", "sandwich", "--num-random", "1",
+            "--checkpoint-every", "5", "--threads", "1", "--quiet"]
+
+
+def test_sigkill_mid_epoch_then_rerun_ends_bit_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(reference), env=env, check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    _, meta = load_supernet(killed / "last.pt")
+    assert not meta["complete"] and meta["step"] % 19 != 0  # 19 steps per epoch: the kill came mid-epoch
+
+    resumed = subprocess.run(_train_command(killed), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 1" in resumed.stderr
+    assert _learned(_rows(killed / "metrics.csv")) == _learned(_rows(reference / "metrics.csv"))
+    final, reference_final = torch.load(killed / "last.pt", weights_only=True), torch.load(reference / "last.pt",
+                                                                                           weights_only=True)
+    for name, tensor in reference_final["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
