@@ -494,24 +494,27 @@ def train_supernet(config: TrainConfig | None = None, **overrides: Any) -> dict[
     rank, world, device, owned_group = setup_distributed(config.device)
     out = Path(config.out)
     try:
+        # Data first: a bad spec must fail before the run folder is claimed.
+        train_data = build_dataset(config.data, space, "train", augment=True,
+                                   auto_augment=config.auto_augment or None, reprob=config.reprob)
+        val_data = build_dataset(config.data, space, "val")
         if rank == 0:
             claim_run_dir(out, config.identity(space))
         if world > 1:
             dist.barrier()
-        return _run(config, space, out, rank, world, device)
+        return _run(config, space, out, rank, world, device, train_data, val_data)
     finally:
         if owned_group:
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: int, device: torch.device) -> dict:
+def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: int, device: torch.device,
+         train_data, val_data) -> dict:
     checkpoint_path = out / CHECKPOINT_FILE
     state = read_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
     if state is not None and state.get("space") != space.to_dict():
         raise HwawareError(f"checkpoint: {checkpoint_path} was trained for another space than {space.name!r}")
-    train_data = build_dataset(config.data, space, "train", augment=True, auto_augment=config.auto_augment or None,
-                               reprob=config.reprob)
-    val_loader = build_loader(config.data, space, "val", config.eval_batch_size, num_workers=config.num_workers)
+    val_loader = build_loader(val_data, space, "val", config.eval_batch_size, num_workers=config.num_workers)
     steps_per_epoch = len(ResumableSampler(len(train_data), True, world_size=world, rank=rank)) // config.batch_size
     if steps_per_epoch == 0:
         raise HwawareError(f"batch_size: {config.batch_size} x {world} ranks exceeds the {len(train_data)} training images")

@@ -210,6 +210,7 @@ def test_train_cli_bad_input(tmp_path, capsys):
     assert "classes" in capsys.readouterr().err
     assert main(["train", "--space", "digits", "--data", f"imagefolder:{tmp_path}/none", "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing claimed for a failed start
 
 
 # ---- exact resume after SIGKILL -----------------------------------------------------------------
@@ -244,3 +245,21 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical(tmp_path):
                                                                                            weights_only=True)
     for name, tensor in reference_final["model"].items():
         assert torch.equal(final["model"][name], tensor), name
+
+
+# ---- CUDA: mixed precision ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_step_on_cuda(amp):
+    trainer = SupernetTrainer(make_config(strategy="sandwich", amp=amp, warmup_epochs=0, lr=3e-3), DIGITS, 50,
+                              device="cuda")
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    images, labels = next(iter(build_loader("digits", DIGITS, "train", 64)))
+    before = evaluate(trainer.model, DIGITS.largest(), [(images, labels)], device="cuda")["loss"]
+    losses = [trainer.train_step(images, labels) for _ in range(20)]
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert evaluate(trainer.model, DIGITS.largest(), [(images, labels)], device="cuda")["loss"] < before
+    assert trainer.state_dict()["scaler"] or amp == "bf16"  # fp16 checkpoints carry the scaler's scale
