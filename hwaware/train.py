@@ -396,11 +396,14 @@ def load_supernet(checkpoint_path: str | Path, space: SearchSpace | None = None,
 
 
 def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch = "largest", split: str = "val",
-                        data: str | None = None, batch_size: int = 256, device: str = "cpu",
+                        data: str | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
                         num_workers: int = 0) -> dict[str, Any]:
     """Evaluate one subnet of a trained supernet on the run's data (or `data`): what `hwaware evaluate` prints."""
     from hwaware.space import resolve_arch
 
+    device = parse_device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HwawareError(f"device: {device} asked for CUDA but none is available")
     model, meta = load_supernet(checkpoint)
     space = model.space
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
@@ -414,6 +417,13 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch = "largest", sp
 # ---- the run --------------------------------------------------------------------------------------
 
 
+def parse_device(spec: str | torch.device) -> torch.device:
+    try:
+        return torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise HwawareError(f"device: {spec!r} is not a device (cpu, cuda, cuda:1, auto)") from None
+
+
 def setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
     """Join the torchrun group if there is one (gloo on CPU, NCCL on GPU); returns rank, world, device, owned."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -421,7 +431,7 @@ def setup_distributed(device_spec: str) -> tuple[int, int, torch.device, bool]:
     if device_spec == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(device_spec)
+        device = parse_device(device_spec)
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
