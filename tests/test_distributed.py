@@ -71,6 +71,7 @@ def test_ranks_stay_identical_and_match_one_process(tmp_path):
     assert float(difference.max()) < 1e-3 and float(difference.mean()) < 1e-6, (difference.max(), difference.mean())
 
 
+@pytest.mark.slow  # ~25 s: two fresh interpreters importing torch; the spawn test above covers the DDP maths
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
