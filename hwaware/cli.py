@@ -166,11 +166,80 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"arch {args.arch}, epoch {result['epoch']})")
 
 
+# ---- hwaware search / export / bench / pipeline ------------------------------------------------
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    import os
+
+    from hwaware.pipeline import search_checkpoint
+    from hwaware.search import summary_table
+
+    budgets = {"latency_ms": args.latency_ms, "flops_g": args.flops_g, "params_m": args.params_m,
+               "min_params_m": args.min_params_m}
+    options = {k: getattr(args, k) for k in ("population", "generations", "parents", "mutation_children",
+                                             "crossover_children", "strategy", "seed") if getattr(args, k) is not None}
+    result = search_checkpoint(args.checkpoint, args.out, budgets, device=args.device, table=args.table,
+                               tables_root=args.tables, progress=not args.quiet, **options)
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_table(result))
+        print(f"results in {args.out}/ (best_*.yaml, candidates.csv, pareto.csv, pareto.png)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.arch, args.out, formats=args.format, precision=args.precision,
+                               batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,
+                               tables_root=args.tables)
+    card = result.card
+    print(f"exported {', '.join(result.formats)} to {result.out_dir}: {card['arch_short']}, "
+          f"{card['params']:,} params, {card['flops']:,} FLOPs, val top-1 {card['val_top1']:.4f}, "
+          f"test top-1 {card['test_top1']:.4f}"
+          + (f", predicted {card['predicted_latency_ms']:.4f} ms" if "predicted_latency_ms" in card else ""))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import bench_export
+
+    r = bench_export(args.dir, args.device, backend=args.backend, batch_size=args.batch, table=args.table,
+                     tables_root=args.tables)
+    if args.json:
+        print(json.dumps(r))
+        return
+    s = r["stats"]
+    line = (f"{args.dir}: {r['backend']} {r['precision']} batch {r['batch_size']} on {r['device']}: measured "
+            f"{r['measured_ms']:.4f} ms ({r['statistic']}; median {s['median_ms']:.4f}, IQR {s['iqr_ms']:.4f}, "
+            f"p90 {s['p90_ms']:.4f}, n={s['n']})")
+    if "predicted_ms" in r:
+        line += f"; predicted {r['predicted_ms']:.4f} ms ({100 * r['error']:+.1f} %)"
+    else:
+        line += "; no latency table for these settings, so no prediction"
+    print(line)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import run_pipeline
+
+    result = run_pipeline(args.out, latency_ms=args.latency_ms, progress=not args.quiet)
+    total = sum(result["seconds"].values())
+    print(f"pipeline done in {total:.0f} s: budget {result['budget_ms']:g} ms, "
+          f"test top-1 {result['card']['test_top1']:.4f}, measured {result['bench']['measured_ms']:.4f} ms, "
+          f"predicted {result['bench'].get('predicted_ms', float('nan')):.4f} ms; see {args.out}/report.md")
+
+
 # ---- the parser ---------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), like every other hwaware error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hwaware", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="hwaware", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     space = sub.add_parser("space", help="list or show search spaces")
@@ -244,6 +313,57 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions 0..1)")
     ev.set_defaults(func=cmd_evaluate)
+
+    search = sub.add_parser("search", help="evolutionary search under latency / FLOPs / params budgets")
+    search.add_argument("--checkpoint", required=True, help="a trained supernet (RUN/last.pt)")
+    search.add_argument("--device", help="device whose table (in --tables) prices latency, e.g. cpu")
+    search.add_argument("--table", help="a latency table CSV (instead of --device)")
+    search.add_argument("--tables", default="latency_tables", help="folder of latency tables (default latency_tables/)")
+    search.add_argument("--latency-ms", dest="latency_ms", help="latency budget(s) in ms, e.g. 5 or 1,2,5")
+    search.add_argument("--flops-g", dest="flops_g", help="FLOPs budget(s) in G multiply-adds")
+    search.add_argument("--params-m", dest="params_m", help="parameter budget(s) in millions")
+    search.add_argument("--min-params-m", dest="min_params_m", help="lower bound on parameters (AutoFormer's window)")
+    search.add_argument("--out", required=True, help="folder for best_*.yaml, candidates.csv, pareto.csv/png")
+    search.add_argument("--strategy", choices=["evolution", "random"], help="default evolution")
+    search.add_argument("--population", type=int, help="default 50")
+    search.add_argument("--generations", type=int, help="default 20")
+    search.add_argument("--parents", type=int, help="top Archs kept as parents (default 10)")
+    search.add_argument("--mutation-children", dest="mutation_children", type=int, help="default 25")
+    search.add_argument("--crossover-children", dest="crossover_children", type=int, help="default 25")
+    search.add_argument("--seed", type=int, help="default 0")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(func=cmd_search)
+
+    export = sub.add_parser("export", help="export a subnet as timm, ONNX, TensorRT and a Triton repository")
+    export.add_argument("--checkpoint", required=True, help="a trained supernet (RUN/last.pt)")
+    export.add_argument("--arch", required=True, help="largest, smallest, middle or an Arch YAML (e.g. search's best)")
+    export.add_argument("--format", default="timm,onnx,triton", help="any of timm,onnx,tensorrt,triton")
+    export.add_argument("--out", required=True, help="export folder (refused if it exists, unless --force)")
+    export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--batch-sizes", dest="batch_sizes", default="1,8,32",
+                        help="checked batches, TensorRT profile and Triton max batch (default 1,8,32)")
+    export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
+    export.add_argument("--table", help="a latency table CSV (instead of --device)")
+    export.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    export.add_argument("--force", action="store_true", help="replace an existing export folder")
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="measure an exported model and compare with the table's prediction")
+    bench.add_argument("dir", help="an export folder")
+    bench.add_argument("--device", default="cpu", help="device profile (default cpu)")
+    bench.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the table's")
+    bench.add_argument("--batch", type=int, help="default: the table's batch size")
+    bench.add_argument("--table", help="a latency table CSV (default: found for --device)")
+    bench.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench)
+
+    pipe = sub.add_parser("pipeline", help="the main job on digits: train, profile, search, export, bench, report")
+    pipe.add_argument("--out", default="runs/pipeline", help="folder for every stage (default runs/pipeline)")
+    pipe.add_argument("--latency-ms", dest="latency_ms", type=float,
+                      help="latency budget (default: half-way between the cheapest and the largest subnet)")
+    pipe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pipe.set_defaults(func=cmd_pipeline)
 
     return parser
 

@@ -1,0 +1,284 @@
+"""The flow from a trained supernet to a served model: search, export, bench, and the whole pipeline.
+
+Each function here joins library pieces that know nothing of each other (the search takes
+callables, export takes a model, the latency table prices an Arch); the CLI calls these, and
+so can a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hwaware.errors import HwawareError
+from hwaware.io import atomic_write_text
+from hwaware.space import Arch, resolve_arch
+
+
+def load_table_for(space, device: str | None = None, table: str | Path | None = None,
+                   tables_root: str | Path = "latency_tables"):
+    """The latency table named by `table`, or the one for `device` and this space, checked against the space."""
+    from hwaware.latency import LatencyTable, find_table
+
+    if table is None and device is None:
+        raise HwawareError("latency: give --device (to find the table in latency_tables/) or --table FILE")
+    path = Path(table) if table is not None else find_table(device, space.name, root=tables_root)
+    loaded = LatencyTable.load(path)
+    loaded.check_space(space)
+    return loaded
+
+
+def _val_batches(model, meta: Mapping[str, Any], split: str, batch_size: int) -> list:
+    """The split's batches, materialised once: a search scores hundreds of Archs on the same images."""
+    from hwaware.data import build_loader
+
+    return list(build_loader(meta["data"], model.space, split, batch_size))
+
+
+def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
+                      device: str | None = None, table: str | Path | None = None,
+                      tables_root: str | Path = "latency_tables", batch_size: int = 512,
+                      progress: bool = True, **search_options: Any):
+    """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...}).
+
+    Scores are val top-1 (never test); costs are the table's predicted latency plus exact FLOPs
+    and params. Resumes from `out/search_state.json`; writes best_*.yaml, candidates.csv,
+    pareto.csv/png into `out`. Under torchrun each rank scores its shard of val and the counts
+    are all-reduced; only rank 0 writes.
+    """
+    import torch.distributed as dist
+
+    from hwaware.search import (
+        STATE_FILE,
+        EvolutionSearch,
+        file_fingerprint,
+        parse_budgets,
+        standard_costs,
+        write_results,
+    )
+    from hwaware.train import evaluate, load_supernet, setup_distributed
+
+    targets = parse_budgets(budgets)  # bad budgets are refused before anything is loaded
+    model, meta = load_supernet(checkpoint)
+    space = model.space
+    needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
+    latency = load_table_for(space, device, table, tables_root) if (needs_latency or device or table) else None
+    rank, _, _, owned = setup_distributed("cpu")
+    try:
+        val = _val_batches(model, meta, "val", batch_size)
+        search = EvolutionSearch(
+            space, lambda arch: evaluate(model, arch, val)["top1"],
+            standard_costs(space, latency.predict if latency else None), targets,
+            progress=progress and rank == 0,
+            fingerprint=file_fingerprint(checkpoint=checkpoint, **({"table": latency.path} if latency else {})),
+            **search_options,
+        )
+        search.check_feasible()  # an infeasible budget is refused before `out` is created
+        out = Path(out)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
+        if rank == 0:
+            write_results(result, out)
+        return result
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path, *,
+                      formats: str = "timm,onnx,triton", precision: str = "fp32", batch_sizes: str = "1,8,32",
+                      force: bool = False, device: str | None = None, table: str | Path | None = None,
+                      tables_root: str | Path = "latency_tables"):
+    """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency."""
+    from hwaware.export import export_model, preflight
+    from hwaware.train import evaluate, load_supernet
+
+    preflight(out, formats, force)  # unknown formats, a taken folder: refused before the checkpoint loads
+    model, meta = load_supernet(checkpoint)
+    space = model.space
+    arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
+    card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": meta["data"]}
+    test_batches = _val_batches(model, meta, "test", 512)
+    for split, batches in (("val", _val_batches(model, meta, "val", 512)), ("test", test_batches)):
+        card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
+    if device is not None or table is not None:
+        latency = load_table_for(space, device, table, tables_root)
+        card.update(predicted_latency_ms=latency.predict(arch), latency_table=str(latency.path),
+                    latency_batch_size=latency.batch_size)
+    return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
+                        card_extra=card, sample_inputs=test_batches[0][0][:32])
+
+
+def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | None = None,
+                 batch_size: int | None = None, table: str | Path | None = None,
+                 tables_root: str | Path = "latency_tables", record: bool = True) -> dict[str, Any]:
+    """Time an exported model with the profiling protocol and the table's settings; measured beside predicted.
+
+    Without a table for this device the model is still timed, with the device profile's settings.
+    The result goes into card.json under `bench` (and `measured_latency_ms`) when `record`.
+    """
+    import torch
+
+    from hwaware.export import ONNX_FILE, load_model, read_card, read_model_config, update_card
+    from hwaware.latency import MeasureSettings, load_device_profile, time_runner
+    from hwaware.latency.profile import resolve_backend
+
+    export_dir = Path(export_dir)
+    card = read_card(export_dir)
+    arch, space = read_model_config(export_dir)
+    profile = load_device_profile(device)
+    try:
+        latency = load_table_for(space, device, table, tables_root)
+    except HwawareError:
+        if table is not None:
+            raise
+        latency = None
+    settings = MeasureSettings.from_dict(latency.meta.get("settings")) if latency else profile.measurement
+    backend = backend or (latency.backend if latency else profile.backend)
+    precision = latency.precision if latency else profile.precision
+    batch_size = batch_size or (latency.batch_size if latency else profile.batch_sizes[0])
+    runner_backend = resolve_backend(profile, backend, precision, settings.threads)
+    x = torch.randn(batch_size, space.in_chans, space.img_size, space.img_size)
+    if backend == "torch":
+        runner = runner_backend.prepare(load_model(export_dir), x)
+    else:
+        onnx_path = export_dir / ONNX_FILE
+        if not onnx_path.is_file():
+            raise HwawareError(f"bench: {export_dir} has no {ONNX_FILE}; export with --format onnx to bench {backend}")
+        runner = runner_backend.prepare_onnx(onnx_path, x)
+    stats = time_runner(runner, settings)
+    measured = stats.min_ms if settings.statistic == "min" else stats.median_ms
+    result: dict[str, Any] = {
+        "device": device, "backend": backend, "precision": precision, "batch_size": batch_size,
+        "measured_ms": measured, "statistic": settings.statistic, "stats": stats.to_dict(),
+        "threads": settings.threads, "arch": arch.to_dict(),
+    }
+    if latency is not None and latency.batch_size == batch_size and latency.backend == backend:
+        predicted = latency.predict(arch)
+        result.update(predicted_ms=predicted, error=(predicted - measured) / measured, table=str(latency.path))
+    if record:
+        fields = {"bench": {**card.get("bench", {}), f"{device}-{backend}-{precision}-b{batch_size}": result}}
+        if "predicted_ms" in result:
+            fields["measured_latency_ms"] = measured
+        update_card(export_dir, **fields)
+    return result
+
+
+# ---- the main job -----------------------------------------------------------------------------------
+
+
+def default_latency_budget(table, space) -> float:
+    """Half-way between the cheapest and the largest subnet's predicted latency: a budget that binds."""
+    cheapest, _ = table.cheapest(space)
+    largest = table.predict(space.largest())
+    return round(cheapest + 0.5 * (largest - cheapest), 4)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # beside the progress bars, in order
+
+
+def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = None, device: str = "cpu",
+                 progress: bool = True, log=_log) -> dict[str, Any]:
+    """Train on digits, profile this CPU, search under a latency budget, export, bench, write report.md.
+
+    Every stage finds its output already there and skips, so an interrupted pipeline continues.
+    """
+    from hwaware.export import CARD_FILE, read_card
+    from hwaware.latency import LatencyTable, profile_device
+    from hwaware.search import best_file
+    from hwaware.space import get_space, load_arch
+    from hwaware.train import make_config, train_supernet
+
+    out = Path(out)
+    space = get_space("digits")
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        log(f"== {name}")
+        timings[name] = time.perf_counter()
+
+    def done(name: str):
+        timings[name] = time.perf_counter() - timings[name]
+
+    stage("train")
+    train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
+    done("train")
+
+    stage("profile")
+    tables = out / "latency_tables"
+    table_path = profile_device(device, space, out=tables, progress=progress)
+    table = LatencyTable.load(table_path)
+    done("profile")
+
+    stage("search")
+    budget = latency_ms if latency_ms is not None else default_latency_budget(table, space)
+    search_dir = out / "search"
+    checkpoint = out / "supernet" / "last.pt"
+    result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
+    target = result.targets[0]
+    arch = load_arch(search_dir / best_file(target), space)
+    done("search")
+
+    stage("export")
+    export_dir = out / "digits-vit"
+    if not (export_dir / CARD_FILE).is_file():
+        export_checkpoint(checkpoint, arch, export_dir, table=table_path)
+    done("export")
+
+    stage("bench")
+    bench = bench_export(export_dir, device, table=table_path)
+    done("bench")
+
+    card = read_card(export_dir)
+    report = _report(card, bench, table, budget, timings, result)
+    atomic_write_text(out / "report.md", report)
+    log(f"report: {out / 'report.md'}")
+    return {"card": card, "bench": bench, "budget_ms": budget, "seconds": timings}
+
+
+def _report(card, bench, table, budget, timings, result) -> str:
+    validation = table.validation
+
+    def pct(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
+    lines = [
+        "# hwaware pipeline report",
+        "",
+        f"Supernet trained on `{card['data']}`; latency table `{Path(table.path).name}`; "
+        f"search under {budget:g} ms ({result.strategy}, {len(result.evaluations)} subnets evaluated on val).",
+        "",
+        "![accuracy against latency](search/pareto.png)",
+        "",
+        "## Chosen subnet",
+        "",
+        f"`{card['arch_short']}`: `{json.dumps(card['arch'])}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| val top-1 | {pct(card.get('val_top1'))} |",
+        f"| test top-1 | {pct(card.get('test_top1'))} |",
+        f"| params | {card['params']:,} |",
+        f"| FLOPs (multiply-adds) | {card['flops']:,} |",
+        f"| predicted latency | {bench.get('predicted_ms', float('nan')):.4f} ms |",
+        f"| measured latency ({bench['backend']}, {bench['precision']}, batch {bench['batch_size']}, "
+        f"{bench['statistic']}) | {bench['measured_ms']:.4f} ms |",
+        f"| prediction error | {pct(bench.get('error'))} |",
+        "",
+        "## Latency table validation (held-out whole subnets)",
+        "",
+        f"n = {validation.get('n')}, MAPE {pct(validation.get('mape'))}, within 5 % {pct(validation.get('within_5pct'))}, "
+        f"within 10 % {pct(validation.get('within_10pct'))}, Kendall tau {validation.get('kendall_tau', float('nan')):.3f}",
+        "",
+        "## Stage times (this run; stages found done take ~0 s)",
+        "",
+        *(f"- {name}: {seconds:.1f} s" for name, seconds in timings.items()),
+        "",
+    ]
+    return "\n".join(lines)
