@@ -29,10 +29,11 @@ def cmd_space_list(args: argparse.Namespace) -> None:
 
 
 def cmd_space_show(args: argparse.Namespace) -> None:
-    from hwaware.costs import arch_cost
     from hwaware.space import get_space
 
     space = get_space(args.space)
+    from hwaware.costs import arch_cost
+
     small, large = arch_cost(space.smallest(), space), arch_cost(space.largest(), space)
     info = {
         "name": space.name,
@@ -64,11 +65,12 @@ def cmd_space_show(args: argparse.Namespace) -> None:
 
 
 def cmd_cost(args: argparse.Namespace) -> None:
-    from hwaware.costs import arch_cost, cost_breakdown
     from hwaware.space import get_space, resolve_arch
 
     space = get_space(args.space)
-    arch = resolve_arch(args.arch, space)
+    arch = resolve_arch(args.arch, space)  # bad input is refused before torch loads
+    from hwaware.costs import arch_cost, cost_breakdown
+
     total = arch_cost(arch, space)
     parts = cost_breakdown(arch, space)
     if args.json:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -194,7 +195,7 @@ def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's progress lines and opset-conversion notices; errors still raise."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         for lg in loggers:
             lg.setLevel(logging.ERROR)
@@ -207,6 +208,29 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _dtype(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.float32
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, opset: int = DEFAULT_OPSET,
+               dynamo: bool = False, output_name: str = OUTPUT_NAME) -> None:
+    """The one torch -> ONNX step, dynamic batch axis: `hwaware export` and the latency table's pieces
+    both go through it, so what a table times is the graph that ships.
+
+    The module is wrapped in `nn.Sequential`: exported bare, a timm Block's optional arguments
+    (attn_mask, is_causal) become traced inputs that the fused attention refuses.
+    """
+    wrapped = nn.Sequential(module).eval()
+    if dynamo:
+        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},), "external_data": False}
+    else:
+        dynamic = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}}}
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                wrapped, (example,), str(path), dynamo=dynamo, input_names=[INPUT_NAME], output_names=[output_name],
+                opset_version=opset, verbose=False, **dynamic,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs one line
+            raise HwawareError(f"onnx: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
 
 
 def export_onnx(
@@ -232,18 +256,7 @@ def export_onnx(
     static = copy.deepcopy(model).to("cpu", dtype).eval()
     # batch 2: torch.export specialises dimensions of size 0 and 1, so the example must not be 1
     example = torch.randn(2, space.in_chans, space.img_size, space.img_size, dtype=dtype)
-    if dynamo:
-        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},), "external_data": False}
-    else:
-        dynamic = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
-    with _quiet_exporter(), torch.no_grad():
-        try:
-            torch.onnx.export(
-                static, (example,), str(path), dynamo=dynamo, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                opset_version=opset, verbose=False, **dynamic,
-            )
-        except Exception as exc:  # the exporter raises many types; the user needs one line
-            raise HwawareError(f"onnx: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    write_onnx(static, example, path, opset, dynamo)
     onnx.checker.check_model(str(path), full_check=True)
     written = onnx_opset(path)
     if written != opset:

@@ -8,15 +8,12 @@ naming the package to install.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
 import os
 import platform
 import shutil
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +40,12 @@ def require(module: str):
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, opset: int = ONNX_OPSET) -> Path:
-    """Export `module` to ONNX as `hwaware export` writes model.onnx: TorchScript exporter, opset 17,
-    input `input`, output `output`, dynamic batch axis, so the table prices the graph that ships.
+    """Export `module` with `hwaware export`'s own ONNX writer (TorchScript exporter, opset 17, dynamic
+    batch), atomically, so the table prices the graph that ships."""
+    from hwaware.export import write_onnx
 
-    The module is wrapped in nn.Sequential: exported bare, a timm Block's optional arguments
-    (attn_mask, is_causal) become traced tensors and the fused attention refuses them. The
-    torch.export-based exporter (dynamo=True) also works but takes 5-15x longer per piece here.
-    """
-    path = Path(path)
-    wrapped = nn.Sequential(module).eval()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-
-        def write(tmp: Path) -> None:
-            torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-
-        atomic_write(path, write)
-    return path
+    atomic_write(path, lambda tmp: write_onnx(module, example, tmp, opset, output_name="output"))
+    return Path(path)
 
 
 def _cast(module: nn.Module, example: torch.Tensor, precision: str, device: str) -> tuple[nn.Module, torch.Tensor]:
