@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text
+from hwaware.io import atomic_write_text, read_json
 from hwaware.space import Arch, SearchSpace
 
 FORMATS = ("timm", "onnx", "tensorrt", "triton")
@@ -405,13 +405,7 @@ def triton_name(out_dir: str | Path) -> str:
 
 
 def read_card(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / CARD_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HwawareError(f"{out_dir}: no {CARD_FILE}; is this an hwaware export folder?") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{path}: unreadable ({exc})") from None
+    return read_json(Path(out_dir) / CARD_FILE, f"{out_dir}: no {CARD_FILE}; is this an hwaware export folder?")
 
 
 def _card_json(card: dict[str, Any]) -> str:

@@ -1,12 +1,16 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of either) and JSON reads."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from hwaware.errors import HwawareError
 
 
 @contextlib.contextmanager
@@ -35,3 +39,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` and move the result into place."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def read_json(path: str | Path, if_missing: str) -> Any:
+    """Parse a JSON file; a missing file raises `if_missing`, an unreadable one says so, both one line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HwawareError(if_missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HwawareError(f"{path}: unreadable ({exc})") from None

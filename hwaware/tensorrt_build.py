@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write, atomic_write_text
+from hwaware.io import atomic_write, atomic_write_text, read_json
 
 PRECISIONS = ("fp32", "fp16")
 log = logging.getLogger(__name__)
@@ -87,12 +87,7 @@ def engine_mismatches(built: dict[str, Any], present: dict[str, str]) -> tuple[l
 
 def read_metadata(plan_path: str | Path) -> dict[str, Any]:
     path = metadata_path(plan_path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HwawareError(f"{plan_path}: no build metadata {path.name} beside it; rebuild the engine") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{path}: unreadable build metadata ({exc})") from None
+    return read_json(path, f"{plan_path}: no build metadata {path.name} beside it; rebuild the engine")
 
 
 def profile_shapes(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
