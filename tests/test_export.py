@@ -392,7 +392,7 @@ def test_load_engine_needs_its_metadata(tmp_path):
     with pytest.raises(HwawareError, match="no build metadata model.plan.json"):
         load_engine(plan)
     metadata_path(plan).write_text("{broken")
-    with pytest.raises(HwawareError, match="unreadable build metadata"):
+    with pytest.raises(HwawareError, match="model.plan.json: unreadable"):
         load_engine(plan)
 
 
