@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU path of hwaware.latency on one CUDA machine, in about 8 minutes:
+# Every GPU path of hwaware on one CUDA machine, in about 8 minutes:
 #   1. the gpu-marked latency tests (torch fp16/bf16 with CUDA events; TensorRT if installed),
 #   2. H200 tables for autoformer-t with the torch backend, fp16 and bf16, batch 1 and 64,
 #   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
@@ -71,6 +71,26 @@ if "$PY" -c "import tensorrt" 2>/dev/null; then
 else
   echo "SKIP tensorrt: not installed (pip install tensorrt)"
 fi
+# Export and bench on the GPU (issue 6): a supernet trained briefly on CUDA with mixed precision
+# (digits, and autoformer-t on synthetic images: the weights only need to be real tensors),
+# exported as timm + ONNX (+ TensorRT where installed) + Triton in fp16, then timed with the
+# torch backend and, where the table exists, compared with its prediction.
+RUNS=${RUNS:-/tmp/hwaware-gpu-runs}  # checkpoints are too big to bring back; the tables in $OUT are what matter
+mkdir -p "$RUNS"
+run "train digits (cuda, amp)" "$PY" -m hwaware.cli train --space digits --data digits --out "$RUNS/digits" \
+  --epochs 3 --device cuda --quiet
+run "train autoformer-t (cuda, amp, synthetic)" "$PY" -m hwaware.cli train --space autoformer-t --data synthetic \
+  --recipe digits --out "$RUNS/t" --epochs 1 --batch-size 64 --device cuda --quiet
+FORMATS=timm,onnx,triton
+"$PY" -c "import tensorrt" 2>/dev/null && FORMATS=timm,onnx,tensorrt,triton
+for space in digits t; do
+  run "export $space fp16" "$PY" -m hwaware.cli export --checkpoint "$RUNS/$space/last.pt" --arch middle \
+    --format "$FORMATS" --precision fp16 --batch-sizes 1,8,64 --out "$RUNS/export-$space" --force
+  run "bench $space torch b1" "$PY" -m hwaware.cli bench "$RUNS/export-$space" --device "$DEVICE" --backend torch \
+    --batch 1 --tables "$TABLES"
+done
+run "bench t onnxruntime b1" "$PY" -m hwaware.cli bench "$RUNS/export-t" --device "$DEVICE" --backend onnxruntime \
+  --batch 1 --tables "$TABLES"
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib
 for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
