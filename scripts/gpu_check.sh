@@ -3,7 +3,8 @@
 #   1. the gpu-marked latency tests (torch fp16/bf16 with CUDA events; TensorRT if installed),
 #   2. H200 tables for autoformer-t with the torch backend, fp16 and bf16, batch 1 and 64,
 #   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
-#   4. TensorRT fp16 batch 1 if tensorrt is installed.
+#   4. TensorRT fp16 batch 1 if tensorrt is installed,
+#   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t.
 # Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
 # after a timeout continues where it stopped. Settings are shortened for the time box and
 # recorded in each sidecar.
