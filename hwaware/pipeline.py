@@ -191,7 +191,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     Every stage finds its output already there and skips, so an interrupted pipeline continues.
     """
     from hwaware.export import CARD_FILE, read_card
-    from hwaware.latency import LatencyTable, profile_device
+    from hwaware.latency import LatencyTable, find_table, profile_device
     from hwaware.search import best_file
     from hwaware.space import get_space, load_arch
     from hwaware.train import make_config, train_supernet
@@ -213,13 +213,16 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
 
     stage("profile")
     tables = out / "latency_tables"
-    table_path = profile_device(device, space, out=tables, progress=progress)
+    try:
+        table_path = find_table(device, space.name, root=tables)  # finished earlier: reuse it
+    except HwawareError:
+        table_path = profile_device(device, space, out=tables, progress=progress)  # resumes a partial one
     table = LatencyTable.load(table_path)
     done("profile")
 
     stage("search")
     budget = latency_ms if latency_ms is not None else default_latency_budget(table, space)
-    search_dir = out / "search"
+    search_dir = out / f"search-{budget:g}ms"  # one folder per budget: another --latency-ms is another search
     checkpoint = out / "supernet" / "last.pt"
     result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
     target = result.targets[0]
@@ -227,7 +230,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     done("search")
 
     stage("export")
-    export_dir = out / "digits-vit"
+    export_dir = out / f"digits-vit-{budget:g}ms"
     if not (export_dir / CARD_FILE).is_file():
         export_checkpoint(checkpoint, arch, export_dir, table=table_path)
     done("export")
@@ -237,13 +240,13 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     done("bench")
 
     card = read_card(export_dir)
-    report = _report(card, bench, table, budget, timings, result)
+    report = _report(card, bench, table, budget, timings, result, search_dir.relative_to(out) / "pareto.png")
     atomic_write_text(out / "report.md", report)
     log(f"report: {out / 'report.md'}")
     return {"card": card, "bench": bench, "budget_ms": budget, "seconds": timings}
 
 
-def _report(card, bench, table, budget, timings, result) -> str:
+def _report(card, bench, table, budget, timings, result, pareto_png: Path) -> str:
     validation = table.validation
 
     def pct(v):
@@ -254,7 +257,7 @@ def _report(card, bench, table, budget, timings, result) -> str:
         f"Supernet trained on `{card['data']}`; latency table `{Path(table.path).name}`; "
         f"search under {budget:g} ms ({result.strategy}, {len(result.evaluations)} subnets evaluated on val).",
         "",
-        "![accuracy against latency](search/pareto.png)",
+        f"![accuracy against latency]({pareto_png.as_posix()})",
         "",
         "## Chosen subnet",
         "",
