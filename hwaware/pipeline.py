@@ -33,8 +33,8 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
     return loaded
 
 
-def _val_batches(model, meta: Mapping[str, Any], split: str, batch_size: int) -> list:
-    """The split's batches, materialised once: a search scores hundreds of Archs on the same images."""
+def _split_batches(model, meta: Mapping[str, Any], split: str, batch_size: int) -> list:
+    """A split's batches, materialised once: a search scores hundreds of Archs on the same images."""
     from hwaware.data import build_loader
 
     return list(build_loader(meta["data"], model.space, split, batch_size))
@@ -70,7 +70,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     latency = load_table_for(space, device, table, tables_root) if (needs_latency or device or table) else None
     rank, _, _, owned = setup_distributed("cpu")
     try:
-        val = _val_batches(model, meta, "val", batch_size)
+        val = _split_batches(model, meta, "val", batch_size)
         search = EvolutionSearch(
             space, lambda arch: evaluate(model, arch, val)["top1"],
             standard_costs(space, latency.predict if latency else None), targets,
@@ -104,8 +104,8 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     space = model.space
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
     card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": meta["data"]}
-    test_batches = _val_batches(model, meta, "test", 512)
-    for split, batches in (("val", _val_batches(model, meta, "val", 512)), ("test", test_batches)):
+    test_batches = _split_batches(model, meta, "test", 512)
+    for split, batches in (("val", _split_batches(model, meta, "val", 512)), ("test", test_batches)):
         card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
     if device is not None or table is not None:
         latency = load_table_for(space, device, table, tables_root)
@@ -153,7 +153,7 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
             raise HwawareError(f"bench: {export_dir} has no {ONNX_FILE}; export with --format onnx to bench {backend}")
         runner = runner_backend.prepare_onnx(onnx_path, x)
     stats = time_runner(runner, settings)
-    measured = stats.min_ms if settings.statistic == "min" else stats.median_ms
+    measured = stats.reading(settings.statistic)
     result: dict[str, Any] = {
         "device": device, "backend": backend, "precision": precision, "batch_size": batch_size,
         "measured_ms": measured, "statistic": settings.statistic, "stats": stats.to_dict(),

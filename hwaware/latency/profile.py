@@ -166,7 +166,7 @@ class Profiler:
         return self._anchor_runners[phase]
 
     def _value(self, stats: Stats) -> float:
-        return stats.min_ms if self.settings.statistic == "min" else stats.median_ms
+        return stats.reading(self.settings.statistic)
 
     @staticmethod
     def _row(kind: str, key: str, stats: Stats, seconds: float, attempt=0, drifted=False, ratio=1.0) -> dict:
@@ -384,7 +384,7 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
             x = torch.randn(table.batch_size, space.in_chans, space.img_size, space.img_size)
             runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
             stats = time_runner(runner, settings)
-            measured.append(stats.min_ms if settings.statistic == "min" else stats.median_ms)
+            measured.append(stats.reading(settings.statistic))
             predicted.append(table.predict(arch))
     report = {**validation_metrics(measured, predicted), "seed": seed, "date": _now(), "statistic": settings.statistic,
               "load_average_1min": os.getloadavg()[0]}

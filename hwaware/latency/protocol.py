@@ -35,6 +35,10 @@ class Stats:
         q25, q50, q75, q90 = np.percentile(s, [25, 50, 75, 90])
         return cls(float(q50), float(q75 - q25), float(q90), float(s.min()), int(s.size))
 
+    def reading(self, statistic: str) -> float:
+        """The figure a table records and predicts: the median, or the minimum on a shared host."""
+        return self.min_ms if statistic == "min" else self.median_ms
+
     def to_dict(self) -> dict:
         return {"median_ms": self.median_ms, "iqr_ms": self.iqr_ms, "p90_ms": self.p90_ms,
                 "min_ms": self.min_ms, "n": self.n}
