@@ -23,10 +23,8 @@ import onnxruntime as ort
 import torch
 
 from hwaware.export import export_onnx, parse_batch_sizes
-from hwaware.space import BUILTIN_SPACES, load_arch, resolve_arch
+from hwaware.space import BUILTIN_SPACES, released_arch, resolve_arch
 from hwaware.supernet import SuperViT
-
-AUTOFORMER_T = Path("/work/shared/autoformer/AutoFormer-T.yaml")
 
 
 def per_call_seconds(run, calls: int) -> float:
@@ -83,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_space, d_space = BUILTIN_SPACES["autoformer-t"], BUILTIN_SPACES["digits"]
     models = [
-        ("AutoFormer-T (released)", t_space, load_arch(AUTOFORMER_T, t_space)),
+        ("AutoFormer-T (released)", t_space, released_arch(t_space)),
         (f"digits {resolve_arch(args.digits_arch, d_space).short()}", d_space, resolve_arch(args.digits_arch, d_space)),
     ]
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, {args.pairs} pairs")

@@ -6,6 +6,7 @@ can be priced, bred and written to disk anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -19,7 +20,8 @@ import yaml
 from hwaware.errors import HwawareError
 
 __all__ = [
-    "Arch", "SearchSpace", "BUILTIN_SPACES", "get_space", "load_space", "load_arch", "resolve_arch", "save_arch",
+    "Arch", "SearchSpace", "BUILTIN_SPACES", "get_space", "load_space", "load_arch", "released_arch", "resolve_arch",
+    "save_arch",
 ]
 
 
@@ -309,27 +311,28 @@ def _require_list(data: dict, key: str, source: str) -> list:
     return list(value)
 
 
-def _autoformer(name: str, embed_dims, depths, heads, ratios, maxima) -> SearchSpace:
-    max_embed, max_depth, max_heads = maxima
-    return SearchSpace(
-        name=name, embed_dims=embed_dims, depths=depths, num_heads=heads, mlp_ratios=ratios,
-        max_embed_dim=max_embed, max_depth=max_depth, max_heads=max_heads, max_mlp_ratio=4.0,
-    )
+CONFIG_DIR = Path(__file__).parent / "configs"
+# AutoFormer's released subnets (microsoft/Cream, AutoFormer/experiments/subnet), shipped as they are: each file
+# holds the supernet maxima, the search space and the released architecture (RETRAIN).
+AUTOFORMER_CONFIGS = {"autoformer-t": "AutoFormer-T.yaml", "autoformer-s": "AutoFormer-S.yaml",
+                      "autoformer-b": "AutoFormer-B.yaml"}
 
 
-BUILTIN_SPACES: dict[str, SearchSpace] = {
-    # AutoFormer's ImageNet spaces (Chen et al., ICCV 2021; microsoft/Cream experiments/subnet),
-    # with the supernet maxima those files give.
-    "autoformer-t": _autoformer("autoformer-t", (192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0), (256, 14, 4)),
-    "autoformer-s": _autoformer("autoformer-s", (320, 384, 448), (12, 13, 14), (5, 6, 7), (3.0, 3.5, 4.0), (448, 14, 7)),
-    "autoformer-b": _autoformer("autoformer-b", (528, 576, 624), (14, 15, 16), (8, 9, 10), (3.0, 3.5, 4.0), (640, 16, 10)),
-    # The embedded default: scikit-learn's 8x8 grayscale digits, 2x2 patches (16 tokens + cls),
-    # sized so a supernet trains in minutes on a 2-core CPU.
-    "digits": SearchSpace(
-        name="digits", embed_dims=(32, 48, 64), depths=(2, 3, 4), num_heads=(1, 2, 4),
-        mlp_ratios=(2.0, 3.0, 4.0), head_dim=16, img_size=8, patch_size=2, in_chans=1, num_classes=10,
-    ),
-}
+def _builtin_spaces() -> dict[str, SearchSpace]:
+    """AutoFormer's three spaces, read from their released configs, then every `configs/spaces/*.yaml`."""
+    spaces = {}
+    for name, file in AUTOFORMER_CONFIGS.items():
+        spaces[name] = dataclasses.replace(load_space(CONFIG_DIR / "autoformer" / file), name=name)
+    for path in sorted((CONFIG_DIR / "spaces").glob("*.yaml")):
+        spaces[path.stem] = load_space(path)
+    return spaces
+
+
+def released_arch(space: SearchSpace) -> Arch:
+    """The subnet AutoFormer released for one of its spaces (AutoFormer-T for autoformer-t, ...)."""
+    if space.name not in AUTOFORMER_CONFIGS:
+        raise HwawareError(f"arch: space {space.name!r} has no released subnet (only {', '.join(AUTOFORMER_CONFIGS)})")
+    return load_arch(CONFIG_DIR / "autoformer" / AUTOFORMER_CONFIGS[space.name], space)
 
 
 def get_space(name_or_path: str | SearchSpace) -> SearchSpace:
@@ -361,8 +364,10 @@ def load_arch(path: str | Path, space: SearchSpace | None = None) -> Arch:
 
 
 def resolve_arch(spec: str, space: SearchSpace) -> Arch:
-    """`largest`, `smallest`, `middle`, or a path to an Arch file, validated against `space`."""
-    named = {"largest": space.largest, "smallest": space.smallest, "middle": space.middle}
+    """`largest`, `smallest`, `middle`, `released` (AutoFormer's own subnet of its spaces), or a path to an
+    Arch file, validated against `space`."""
+    named = {"largest": space.largest, "smallest": space.smallest, "middle": space.middle,
+             "released": lambda: released_arch(space)}
     if spec in named:
         return named[spec]()
     return load_arch(spec, space)
@@ -390,3 +395,5 @@ def _read_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise HwawareError(f"{path}: malformed YAML{where}") from None
 
+
+BUILTIN_SPACES: dict[str, SearchSpace] = _builtin_spaces()

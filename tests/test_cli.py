@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-AUTOFORMER = Path(__file__).resolve().parents[2] / "shared" / "autoformer"
+from hwaware.space import CONFIG_DIR
+
+AUTOFORMER = CONFIG_DIR / "autoformer"  # AutoFormer's released configs, shipped as they are
 
 
 def hwaware(*args, cwd=None):

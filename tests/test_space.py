@@ -1,5 +1,4 @@
 import random
-from pathlib import Path
 
 import pytest
 import yaml
@@ -7,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hwaware.errors import HwawareError
-from hwaware.space import BUILTIN_SPACES, Arch, SearchSpace, get_space, load_arch, load_space, save_arch
+from hwaware.space import BUILTIN_SPACES, CONFIG_DIR, Arch, SearchSpace, get_space, load_arch, load_space, save_arch
 
-AUTOFORMER = Path(__file__).resolve().parents[2] / "shared" / "autoformer"
+AUTOFORMER = CONFIG_DIR / "autoformer"  # AutoFormer's released configs, shipped as they are
 SPACES = sorted(BUILTIN_SPACES)
 
 

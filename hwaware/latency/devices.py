@@ -117,29 +117,43 @@ class DeviceProfile:
         return (low is None or key(version) >= key(low)) and (high is None or key(version) <= key(high))
 
 
-def profiles_dir() -> Path:
-    """`$HWAWARE_PROFILES`, else `./profiles`, else the `profiles/` beside the package source."""
-    if os.environ.get("HWAWARE_PROFILES"):
-        return Path(os.environ["HWAWARE_PROFILES"])
-    if Path("profiles").is_dir():
-        return Path("profiles")
-    return Path(__file__).resolve().parents[2] / "profiles"
+def profile_dirs() -> list[Path]:
+    """Where device profiles are looked up, first match wins: each folder in `$HWAWARE_PROFILES`
+    (separated by the OS path separator), then the profiles that ship with hwaware."""
+    from importlib.resources import files
+
+    extra = [Path(p) for p in os.environ.get("HWAWARE_PROFILES", "").split(os.pathsep) if p]
+    return [*extra, Path(str(files("hwaware.profiles")))]
 
 
 def list_profiles(root: str | Path | None = None) -> list[str]:
-    return sorted(p.stem for p in Path(root or profiles_dir()).glob("*.yaml"))
+    roots = [Path(root)] if root else profile_dirs()
+    return sorted({p.stem for folder in roots for p in folder.glob("*.yaml")})
+
+
+def _profile_path(name: str, root: str | Path | None) -> Path:
+    if str(name).endswith((".yaml", ".yml")):
+        return Path(name)
+    roots = [Path(root)] if root else profile_dirs()
+    for folder in roots:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    known = ", ".join(list_profiles(root)) or "none"
+    raise HwawareError(f"device: unknown device {name!r}; profiles: {known} "
+                       f"(add one as {name}.yaml in a folder named by $HWAWARE_PROFILES)")
 
 
 def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProfile:
-    """The profile `name` (a file stem in the profiles folder) or a path to a profile YAML."""
-    path = Path(name) if str(name).endswith((".yaml", ".yml")) else Path(root or profiles_dir()) / f"{name}.yaml"
+    """The profile `name` (a file stem in a profiles folder, see `profile_dirs`) or a path to a profile YAML."""
+    path = _profile_path(name, root)
     if not path.is_file():
-        known = ", ".join(list_profiles(root)) or "none"
-        raise HwawareError(f"device: unknown device {name!r}; profiles: {known} (add one as {path})")
+        raise HwawareError(f"device: {path}: no such profile file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise HwawareError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HwawareError(f"{path}: cannot read ({exc})") from None
     if not isinstance(data, dict) or "match" not in data:
         raise HwawareError(f"{path}: a device profile needs at least name, match, backend and precision")
     match = data.get("match") or {}

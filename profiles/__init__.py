@@ -1,0 +1,1 @@
+"""Device profiles, one YAML per device; shipped with hwaware as the package `hwaware.profiles`."""
