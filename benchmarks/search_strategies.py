@@ -7,7 +7,7 @@ Without --checkpoint the fitness is a synthetic landscape shaped like a trained 
 supernet (accuracy saturating in capacity, later layers' MLP width mattering most, top-1 in
 steps of one validation image with +-1 image of evaluation noise) and the latency a synthetic
 CPU model (per-block overhead + per-head overhead + FLOPs at 5 GFLOP/s). With --checkpoint the
-fitness is the supernet's val top-1 (hwaware.train.evaluate) and the latency comes from the
+fitness is the supernet's val top-1 (hwaware.evaluation.evaluate) and the latency comes from the
 device's table (--table or --device), and the test top-1 of each chosen Arch is reported too.
 
 Both strategies of one seed start from the same random generation 0 (same RNG stream), so the
@@ -72,8 +72,8 @@ def checkpoint_provider(checkpoint: str, table: str | None, device: str | None, 
     """The real fitness: supernet val top-1 through hwaware.train; latency from a measured table."""
     try:
         from hwaware.data import build_loader
+        from hwaware.evaluation import evaluate, load_supernet
         from hwaware.latency import LatencyTable, find_table
-        from hwaware.train import evaluate, load_supernet
     except ImportError as exc:
         raise HwawareError(f"--checkpoint: the training/latency modules are not available here ({exc})") from None
     model, meta = load_supernet(checkpoint)

@@ -53,6 +53,8 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     """
     import torch.distributed as dist
 
+    from hwaware.distributed import setup_distributed
+    from hwaware.evaluation import evaluate, load_supernet
     from hwaware.search import (
         STATE_FILE,
         EvolutionSearch,
@@ -61,7 +63,6 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
         standard_costs,
         write_results,
     )
-    from hwaware.train import evaluate, load_supernet, setup_distributed
 
     targets = parse_budgets(budgets)  # bad budgets are refused before anything is loaded
     model, meta = load_supernet(checkpoint)
@@ -96,8 +97,8 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables"):
     """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency."""
+    from hwaware.evaluation import evaluate, load_supernet
     from hwaware.export import export_model, preflight
-    from hwaware.train import evaluate, load_supernet
 
     preflight(out, formats, force)  # unknown formats, a taken folder: refused before the checkpoint loads
     model, meta = load_supernet(checkpoint)

@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hwaware.data import build_loader
+from hwaware.evaluation import load_supernet
 from hwaware.space import get_space
-from hwaware.train import SupernetTrainer, load_supernet, make_config
+from hwaware.train import SupernetTrainer, make_config
 
 pytestmark = pytest.mark.distributed
 DIGITS = get_space("digits")

@@ -82,7 +82,7 @@ def test_search_export_bench(run_cli, checkpoint, tables, tmp_path):
     import torch
 
     import hwaware
-    from hwaware.train import load_supernet
+    from hwaware.evaluation import load_supernet
 
     supernet, _ = load_supernet(checkpoint)
     x = torch.randn(3, 1, 8, 8)

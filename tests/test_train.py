@@ -17,8 +17,9 @@ import torch
 from hwaware.cli import main
 from hwaware.data import build_loader
 from hwaware.errors import HwawareError
+from hwaware.evaluation import evaluate, load_supernet
 from hwaware.space import get_space, save_arch
-from hwaware.train import SupernetTrainer, evaluate, load_supernet, make_config, train_supernet
+from hwaware.train import SupernetTrainer, make_config, train_supernet
 
 DIGITS = get_space("digits")
 

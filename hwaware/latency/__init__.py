@@ -10,7 +10,7 @@ _EXPORTS = {
                 "present_devices"],
     "protocol": ["Stats", "measure_latency", "time_runner", "time_interleaved"],
     "table": ["Calibration", "LatencyTable", "find_table", "table_name", "validation_metrics"],
-    "backends": ["Backend", "get_backend", "export_onnx"],
+    "backends": ["Backend", "get_backend", "write_piece_onnx"],
     "profile": ["profile_device", "validate_table"],
     "estimate": ["estimate_table"],
 }

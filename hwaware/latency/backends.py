@@ -22,8 +22,8 @@ from torch import nn
 
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write
+from hwaware.onnx_writer import write_onnx
 
-ONNX_OPSET = 17
 EXPORTER = "torch.onnx TorchScript (dynamo=False), dynamic batch"
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PIP_NAMES = {"onnxruntime": "onnxruntime (or onnxruntime-gpu for CUDA)", "tensorrt": "tensorrt"}
@@ -39,12 +39,10 @@ def require(module: str):
         ) from None
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path, opset: int = ONNX_OPSET) -> Path:
+def write_piece_onnx(module: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Export `module` with `hwaware export`'s own ONNX writer (TorchScript exporter, opset 17, dynamic
     batch), atomically, so the table prices the graph that ships."""
-    from hwaware.export import write_onnx
-
-    atomic_write(path, lambda tmp: write_onnx(module, example, tmp, opset, output_name="output"))
+    atomic_write(path, lambda tmp: write_onnx(module, example, tmp, output_name="output"))
     return Path(path)
 
 
@@ -92,7 +90,7 @@ class Backend:
     def prepare(self, module: nn.Module, example: torch.Tensor, workdir: str | Path):
         """Export `module` to ONNX in this precision under `workdir`, then load it as a runner."""
         module, example = _cast(module, example, self.precision, "cpu")
-        onnx_path = export_onnx(module, example, Path(workdir) / "model.onnx")
+        onnx_path = write_piece_onnx(module, example, Path(workdir) / "model.onnx")
         return self.prepare_onnx(onnx_path, example)
 
     def prepare_onnx(self, onnx_path: str | Path, example: torch.Tensor):

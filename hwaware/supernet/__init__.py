@@ -1,5 +1,5 @@
 """The weight-entangled ViT supernet and its elastic layers."""
 
-from hwaware.supernet.vit import SuperViT
+from hwaware.supernet.supervit import SuperViT
 
 __all__ = ["SuperViT"]

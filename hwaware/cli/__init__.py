@@ -1,0 +1,53 @@
+"""The `hwaware` command: parse, call the library, print. Errors become one line on stderr, exit 2.
+
+One module per command group (`space`, `train`, `profile`, ...), each with a `register(subparsers)`
+that adds its commands, their flags beside their handlers. A command module found in this package
+is registered; `COMMAND_ORDER` only fixes the order `hwaware --help` lists them in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import warnings
+
+from hwaware.errors import HwawareError
+
+COMMAND_ORDER = ("space", "train", "profile", "search", "export", "pipeline")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), like every other hwaware error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    return [m for m in COMMAND_ORDER if m in found] + sorted(found - set(COMMAND_ORDER))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="hwaware", description="Hardware-aware search and deployment of Vision Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for name in command_modules():
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        args.func(args)
+    except HwawareError as exc:
+        print(f"hwaware {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hwaware {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

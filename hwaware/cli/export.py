@@ -1,0 +1,64 @@
+"""`hwaware export` and `hwaware bench`: ship a subnet, then time it beside the table's prediction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.arch, args.out, formats=args.format, precision=args.precision,
+                               batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,
+                               tables_root=args.tables)
+    card = result.card
+    print(f"exported {', '.join(result.formats)} to {result.out_dir}: {card['arch_short']}, "
+          f"{card['params']:,} params, {card['flops']:,} FLOPs, val top-1 {card['val_top1']:.4f}, "
+          f"test top-1 {card['test_top1']:.4f}"
+          + (f", predicted {card['predicted_latency_ms']:.4f} ms" if "predicted_latency_ms" in card else ""))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import bench_export
+
+    r = bench_export(args.dir, args.device, backend=args.backend, batch_size=args.batch, table=args.table,
+                     tables_root=args.tables)
+    if args.json:
+        print(json.dumps(r))
+        return
+    s = r["stats"]
+    line = (f"{args.dir}: {r['backend']} {r['precision']} batch {r['batch_size']} on {r['device']}: measured "
+            f"{r['measured_ms']:.4f} ms ({r['statistic']}; median {s['median_ms']:.4f}, IQR {s['iqr_ms']:.4f}, "
+            f"p90 {s['p90_ms']:.4f}, n={s['n']})")
+    if "predicted_ms" in r:
+        line += f"; predicted {r['predicted_ms']:.4f} ms ({100 * r['error']:+.1f} %)"
+    else:
+        line += "; no latency table for these settings, so no prediction"
+    print(line)
+
+
+def register(sub) -> None:
+    export = sub.add_parser("export", help="export a subnet as timm, ONNX, TensorRT and a Triton repository")
+    export.add_argument("--checkpoint", required=True, help="a trained supernet (RUN/last.pt)")
+    export.add_argument("--arch", required=True, help="largest, smallest, middle or an Arch YAML (e.g. search's best)")
+    export.add_argument("--format", default="timm,onnx,triton", help="any of timm,onnx,tensorrt,triton")
+    export.add_argument("--out", required=True, help="export folder (refused if it exists, unless --force)")
+    export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--batch-sizes", dest="batch_sizes", default="1,8,32",
+                        help="checked batches, TensorRT profile and Triton max batch (default 1,8,32)")
+    export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
+    export.add_argument("--table", help="a latency table CSV (instead of --device)")
+    export.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    export.add_argument("--force", action="store_true", help="replace an existing export folder")
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="measure an exported model and compare with the table's prediction")
+    bench.add_argument("dir", help="an export folder")
+    bench.add_argument("--device", default="cpu", help="device profile (default cpu)")
+    bench.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the table's")
+    bench.add_argument("--batch", type=int, help="default: the table's batch size")
+    bench.add_argument("--table", help="a latency table CSV (default: found for --device)")
+    bench.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench)

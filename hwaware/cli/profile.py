@@ -1,0 +1,79 @@
+"""`hwaware profile`: measure, estimate, validate or recalibrate a per-device latency table."""
+
+from __future__ import annotations
+
+import argparse
+
+from hwaware.errors import HwawareError
+
+
+def _print_validation(label: str, v: dict) -> None:
+    if not v or not v.get("n"):
+        print(f"{label}: no held-out subnets")
+        return
+    print(f"{label}: n={v['n']}  MAPE {100 * v['mape']:.2f}%  within 5% {100 * v['within_5pct']:.0f}%  "
+          f"within 10% {100 * v['within_10pct']:.0f}%  Kendall tau {v['kendall_tau']:.3f}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from hwaware.latency.devices import find_present, load_device_profile
+
+    if args.validate:
+        from hwaware.latency.profile import validate_table
+
+        report = validate_table(args.validate, count=args.subnets, seed=args.seed, progress=not args.quiet)
+        _print_validation(f"validation of {args.validate} on fresh subnets", report)
+        return
+    if not args.device or not args.space:
+        raise HwawareError("profile: --device and --space are required (or --validate TABLE)")
+    profile = load_device_profile(args.device)
+    if not args.estimate:
+        find_present(profile)  # before torch loads: an absent device is a quick one-line answer
+    overrides = {k: getattr(args, k) for k in ("threads", "warmup", "min_repeats", "min_time_s", "fit_subnets",
+                                                "holdout_subnets")}
+    settings = profile.measurement.replace(**overrides)
+    if args.estimate:
+        from hwaware.latency.estimate import estimate_table
+
+        path = estimate_table(args.device, args.space, backend=args.backend, precision=args.precision,
+                              batch=args.batch, out=args.out, calibrate_from=args.calibrate_from)
+    else:
+        from hwaware.latency.profile import profile_device
+
+        path = profile_device(args.device, args.space, backend=args.backend, precision=args.precision,
+                              batch=args.batch, out=args.out, seed=args.seed or 0, settings=settings,
+                              progress=not args.quiet, force=args.force)
+    from hwaware.latency.table import LatencyTable
+
+    table = LatencyTable.load(path)
+    print(f"wrote {path} ({len(table.rows)} pieces{', ESTIMATED' if table.estimated else ''})")
+    _print_validation("held-out validation", table.validation)
+    timing = table.meta.get("timing")
+    if timing:
+        print(f"profiling took {timing['pieces_seconds']:.0f} s for pieces + {timing['calibration_seconds']:.0f} s "
+              f"for calibration; measuring 1000 candidates end to end would take "
+              f"~{timing['end_to_end_1000_candidates_seconds']:.0f} s")
+
+
+def register(sub) -> None:
+    prof = sub.add_parser("profile", help="measure a per-device latency table (or --estimate, --validate)")
+    prof.add_argument("--device", help="device profile name (profiles/<name>.yaml), e.g. cpu, t4, h100")
+    prof.add_argument("--space", help="built-in space name or YAML file")
+    prof.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the profile's")
+    prof.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the profile's")
+    prof.add_argument("--batch", type=int, help="batch size (default: the profile's first)")
+    prof.add_argument("--out", default="latency_tables", help="folder for the table (default latency_tables/)")
+    prof.add_argument("--seed", type=int, help="seed for piece order and calibration subnets (default 0)")
+    prof.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
+    prof.add_argument("--warmup", type=int, help="warm-up runs per item")
+    prof.add_argument("--min-repeats", dest="min_repeats", type=int, help="minimum timed runs per item")
+    prof.add_argument("--min-time", dest="min_time_s", type=float, help="minimum seconds of timed runs per item")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=int, help="whole subnets the correction is fitted on")
+    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=int, help="held-out subnets it is validated on")
+    prof.add_argument("--force", action="store_true", help="measure again although the table exists")
+    prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")
+    prof.add_argument("--calibrate-from", dest="calibrate_from", help="measured table to fit --estimate's efficiencies on")
+    prof.add_argument("--validate", metavar="TABLE", help="measure fresh subnets end to end and report the table's error")
+    prof.add_argument("--subnets", type=int, default=30, help="subnets for --validate (default 30)")
+    prof.add_argument("--quiet", action="store_true", help="no progress bar")
+    prof.set_defaults(func=cmd_profile)

@@ -1,0 +1,74 @@
+"""`hwaware train` and `hwaware evaluate`: supernet training (DDP under torchrun) and top-1 of a subnet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+_TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
+                "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "seed", "checkpoint_every", "num_workers",
+                "device", "threads")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import os
+
+    from hwaware.train import make_config, train_supernet
+
+    config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, progress=not args.quiet)
+    row = train_supernet(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 largest {row['val_top1_largest']:.4f} "
+              f"smallest {row['val_top1_smallest']:.4f} middle {row['val_top1_middle']:.4f}; "
+              f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hwaware.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data,
+                                 batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+        return
+    top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
+    print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['n']} images of {result['data']}, "
+          f"arch {args.arch}, epoch {result['epoch']})")
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train a supernet (resumes when run again; DDP under torchrun)")
+    train.add_argument("--space", required=True, help="built-in space name or YAML file")
+    train.add_argument("--data", required=True, help="digits, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    train.add_argument("--out", required=True, help="run folder: last.pt, metrics.csv, run.json")
+    train.add_argument("--recipe", help="built-in recipe (digits, imagenet) or YAML of settings; default: digits for "
+                       "--data digits, else imagenet")
+    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's)")
+    train.add_argument("--num-random", dest="num_random", type=int, help="sandwich: random subnets per step")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
+    train.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine with warm-up)")
+    train.add_argument("--min-lr", dest="min_lr", type=float)
+    train.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
+    train.add_argument("--weight-decay", dest="weight_decay", type=float)
+    train.add_argument("--drop-path", dest="drop_path", type=float)
+    train.add_argument("--clip-grad", dest="clip_grad", type=float, help="max gradient norm (0: off)")
+    train.add_argument("--ema-decay", dest="ema_decay", type=float, help="keep an EMA of the weights (0: off)")
+    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
+    train.add_argument("--workers", dest="num_workers", type=int, help="data loader processes")
+    train.add_argument("--device", help="auto, cpu, cuda (default auto)")
+    train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="top-1 / top-5 of one subnet of a trained supernet")
+    ev.add_argument("--checkpoint", required=True, help="a supernet checkpoint (RUN/last.pt)")
+    ev.add_argument("--arch", default="largest", help="largest, smallest, middle or an Arch YAML (default largest)")
+    ev.add_argument("--split", choices=["val", "test"], default="val")
+    ev.add_argument("--data", help="dataset spec (default: the one the supernet was trained on)")
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions 0..1)")
+    ev.set_defaults(func=cmd_evaluate)
