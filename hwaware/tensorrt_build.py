@@ -39,10 +39,10 @@ def tensorrt_unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "TensorRT is not installed (pip install 'hwaware[tensorrt]')"
-    import torch
+    from hwaware.latency.host import gpus
 
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
+    if not gpus():
+        return "no NVIDIA GPU is visible (nvidia-smi reports none)"
     return None
 
 
@@ -55,17 +55,38 @@ def _tensorrt():
     return trt
 
 
-def present_environment() -> dict[str, str]:
-    """The GPU and TensorRT of this machine, in the keys the build metadata uses."""
+def present_environment(gpu_index: int | None = None) -> dict[str, str]:
+    """The GPU and TensorRT of this machine, in the keys the build metadata uses (read via nvidia-smi,
+    so it works where torch has no kernels for the GPU)."""
+    from hwaware.latency.host import gpus
+
     trt = _tensorrt()
+    if gpu_index is None:
+        gpu_index = _current_gpu_index()
+    gpu = next((g for g in gpus() if g["index"] == gpu_index), None)
+    if gpu is None or not gpu["compute_capability"]:
+        raise HwawareError(f"tensorrt: nvidia-smi does not report GPU {gpu_index} with its compute capability")
+    return {"gpu": gpu["gpu"], "compute_capability": gpu["compute_capability"], "tensorrt_version": trt.__version__}
+
+
+def _current_gpu_index() -> int:
     import torch
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {
-        "gpu": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "tensorrt_version": trt.__version__,
-    }
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def check_supported(window: dict, version: str, device: str = "this GPU") -> None:
+    """Refuse a TensorRT release outside a device profile's `tensorrt:` window (min_version, max_version),
+    naming the install command the profile gives (e.g. TensorRT 10.4 for Volta, whose support 10.5 dropped)."""
+    def key(v) -> tuple[int, ...]:
+        return tuple(int(p) for p in str(v).split(".")[:2] if p.isdigit())
+
+    low, high = window.get("min_version"), window.get("max_version")
+    if (low is None or key(version) >= key(low)) and (high is None or key(version) <= key(high)):
+        return
+    span = f"{low or 'any'} to {high or 'the newest'}"
+    fix = window.get("install") or f"pip install 'tensorrt>={low}'"
+    raise HwawareError(f"tensorrt: TensorRT {version} does not support {device} (supported: {span}); {fix}")
 
 
 def engine_mismatches(built: dict[str, Any], present: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -100,17 +121,20 @@ def profile_shapes(batch_sizes: tuple[int, ...]) -> tuple[int, int, int]:
     return 1, int(statistics.median_low(ordered)), ordered[-1]
 
 
-def build_engine(
+def build_plan(
     onnx_path: str | Path,
-    plan_path: str | Path,
     precision: str = "fp32",
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     timing_cache: str | Path | None = None,
-) -> dict[str, Any]:
-    """Build a TensorRT engine for `onnx_path` covering `batch_sizes`; write the plan and its metadata.
+    workspace_bytes: int = 4 << 30,
+) -> tuple[bytes, dict[str, Any]]:
+    """The one TensorRT builder: a serialized engine for `onnx_path` and its build metadata.
 
-    `timing_cache` (a file, created if missing, updated after the build) makes rebuilds on the
-    same GPU and TensorRT fast. Returns the metadata written to `metadata_path(plan_path)`.
+    `hwaware export` (model.plan) and the latency table's tensorrt backend (each piece) both call
+    it, so a table times engines built exactly like the one that ships: the same typing for the
+    TensorRT version, the same optimisation profile rule for the dynamic batch (`profile_shapes`),
+    the same timing cache handling. `timing_cache` (a file, created if missing, updated after the
+    build) makes rebuilds on the same GPU and TensorRT fast.
     """
     if precision not in PRECISIONS:
         raise HwawareError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -118,26 +142,15 @@ def build_engine(
         raise HwawareError(f"batch sizes: need positive sizes, got {list(batch_sizes)}")
     trt = _tensorrt()
     environment = present_environment()
-    major = int(trt.__version__.split(".")[0])
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # gone in TensorRT 11: strong typing only
-    flags = 0
-    if major < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if not weakly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        problems = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise HwawareError(f"tensorrt: cannot parse {onnx_path}: {problems}")
-
+    network, _parser = _parse_network(trt, builder, logger, onnx_path, weakly_typed)  # the parser owns the weights
     config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    network_input = network.get_input(0)
     if precision == "fp16" and weakly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
-    network_input = network.get_input(0)
     if not weakly_typed and precision == "fp16" and network_input.dtype != trt.float16:
         raise HwawareError(
             f"tensorrt: TensorRT {trt.__version__} builds in the ONNX graph's own types and {onnx_path} is not fp16; "
@@ -148,32 +161,54 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(network_input.name, (low, *sample_shape), (opt, *sample_shape), (high, *sample_shape))
     config.add_optimization_profile(profile)
-
     cache_file = Path(timing_cache) if timing_cache else None
+    _attach_timing_cache(config, cache_file)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise HwawareError(f"tensorrt: building the engine for {onnx_path} failed (see the TensorRT log above)")
+    if cache_file:
+        atomic_write(cache_file, lambda tmp: tmp.write_bytes(memoryview(config.get_timing_cache().serialize())))
+    metadata = {
+        **environment, "precision": precision, "strongly_typed": not weakly_typed, "input": network_input.name,
+        "input_shape": [-1, *sample_shape], "batch_min": low, "batch_opt": opt, "batch_max": high,
+        "onnx": Path(onnx_path).name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return bytes(memoryview(serialized)), metadata
+
+
+def _parse_network(trt, builder, logger, onnx_path: str | Path, weakly_typed: bool):
+    """The network of an ONNX file: explicit batch (8.x needs the flag), strongly typed where TensorRT has only that."""
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if not weakly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        problems = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise HwawareError(f"tensorrt: cannot parse {onnx_path}: {problems}")
+    return network, parser
+
+
+def _attach_timing_cache(config, cache_file: Path | None) -> None:
     cache_bytes = cache_file.read_bytes() if cache_file and cache_file.exists() else b""
     if not config.set_timing_cache(config.create_timing_cache(cache_bytes), False):
         # a cache from another GPU or TensorRT version: start a fresh one rather than fail
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise HwawareError(f"tensorrt: building the engine for {onnx_path} failed (see the TensorRT log above)")
-    atomic_write(plan_path, lambda tmp: tmp.write_bytes(memoryview(serialized)))
-    if cache_file:
-        atomic_write(cache_file, lambda tmp: tmp.write_bytes(memoryview(config.get_timing_cache().serialize())))
 
-    metadata = {
-        **environment,
-        "precision": precision,
-        "strongly_typed": not weakly_typed,
-        "input": network_input.name,
-        "input_shape": [-1, *sample_shape],
-        "batch_min": low,
-        "batch_opt": opt,
-        "batch_max": high,
-        "onnx": Path(onnx_path).name,
-        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    precision: str = "fp32",
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    timing_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """`build_plan`, written as `plan_path` with its metadata beside it (`metadata_path`); returns the metadata."""
+    plan, metadata = build_plan(onnx_path, precision, batch_sizes, timing_cache)
+    atomic_write(plan_path, lambda tmp: tmp.write_bytes(plan))
     atomic_write_text(metadata_path(plan_path), json.dumps(metadata, indent=2) + "\n")
     return metadata
 

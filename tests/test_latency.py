@@ -49,10 +49,18 @@ def test_every_device_profile_loads_with_peaks():
         p = load_device_profile(name)
         assert p.peak_flops["fp32"] > 0 and p.memory_bandwidth > 0
         assert p.backend in ("onnxruntime", "tensorrt", "torch")
+
+
+def test_tensorrt_window_of_a_device_is_enforced_with_the_fix():
+    from hwaware.tensorrt_build import check_supported
+
     v100 = load_device_profile("v100")
-    assert v100.tensorrt_supported("8.6.1") and v100.tensorrt_supported("10.4.0")
-    assert not v100.tensorrt_supported("10.5.0") and not v100.tensorrt_supported("8.5.3")
-    assert load_device_profile("h100").tensorrt_supported("11.0")
+    check_supported(v100.tensorrt, "8.6.1")
+    check_supported(v100.tensorrt, "10.4.0")
+    for version in ("10.5.0", "11.4.0", "8.5.3"):
+        with pytest.raises(HwawareError, match=f"TensorRT {version} does not support .*tensorrt-cu12-libs==10.4.0"):
+            check_supported(v100.tensorrt, version, v100.description)
+    check_supported(load_device_profile("h100").tensorrt, "11.0")
 
 
 def test_profile_match_rules():

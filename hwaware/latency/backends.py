@@ -9,10 +9,7 @@ naming the package to install.
 from __future__ import annotations
 
 import importlib
-import os
 import platform
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -79,9 +76,17 @@ class Backend:
     def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
         if precision not in _TORCH_DTYPES:
             raise HwawareError(f"precision: {precision!r} is not one of {', '.join(_TORCH_DTYPES)}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise HwawareError(f"backend {self.name}: device {device} requested but torch sees no CUDA device")
         self.device, self.precision, self.threads = device, precision, threads
+        if self.on_gpu and self.needs_torch_cuda and not torch.cuda.is_available():
+            raise HwawareError(f"backend {self.name}: device {device} requested but torch cannot use it "
+                               "(no CUDA build, or none with kernels for this GPU); the onnxruntime and tensorrt "
+                               "backends time it without torch")
+
+    needs_torch_cuda = True  # the ONNX-serving backends override this: pieces are exported on the CPU
+
+    @property
+    def gpu_index(self) -> int:
+        return torch.device(self.device).index or 0
 
     @property
     def on_gpu(self) -> bool:
@@ -108,6 +113,7 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: CPU execution provider, or CUDA with I/O binding on the torch stream."""
 
     name = "onnxruntime"
+    needs_torch_cuda = False
 
     def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
         self.ort = require("onnxruntime")
@@ -128,11 +134,14 @@ class OnnxRuntimeBackend(Backend):
             session = self.ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             feed = {session.get_inputs()[0].name: example.detach().cpu().numpy()}
             return _OrtCpuRunner(session, feed)
+        if not torch.cuda.is_available():
+            provider = ("CUDAExecutionProvider", {"device_id": self.gpu_index})
+            session = self.ort.InferenceSession(str(onnx_path), options, providers=[provider])
+            return _OrtValueRunner(self.ort, session, example.detach().cpu().numpy(), self.gpu_index)
         stream = torch.cuda.current_stream()
-        index = torch.device(self.device).index or 0
-        provider = ("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream.cuda_stream)})
+        provider = ("CUDAExecutionProvider", {"device_id": self.gpu_index, "user_compute_stream": str(stream.cuda_stream)})
         session = self.ort.InferenceSession(str(onnx_path), options, providers=[provider])
-        return _OrtCudaRunner(session, example.to(self.device), index)
+        return _OrtCudaRunner(session, example.to(self.device), self.gpu_index)
 
     def versions(self) -> dict:
         return {"onnxruntime": self.ort.__version__, "providers": self.ort.get_available_providers()}
@@ -160,6 +169,21 @@ class _OrtCudaRunner:
 
     def time(self, repeats: int) -> list[float]:
         return _cuda_time(lambda: self.session.run_with_iobinding(self.binding), repeats)
+
+
+class _OrtValueRunner:
+    """ONNX Runtime on a GPU torch cannot drive: I/O in OrtValues on the device; each synchronous
+    `run_with_iobinding` is timed on the host clock."""
+
+    def __init__(self, ort, session, example, index: int):
+        self.session, self.binding = session, session.io_binding()
+        self.input = ort.OrtValue.ortvalue_from_numpy(example, "cuda", index)
+        self.binding.bind_ortvalue_input(session.get_inputs()[0].name, self.input)
+        for output in session.get_outputs():
+            self.binding.bind_output(output.name, "cuda", index)
+
+    def time(self, repeats: int) -> list[float]:
+        return _host_time(lambda: self.session.run_with_iobinding(self.binding), repeats)
 
 
 class TorchBackend(Backend):
@@ -196,63 +220,35 @@ class _TorchRunner:
 
 
 class TensorRTBackend(Backend):
-    """TensorRT engines built from ONNX with the Python API (8.6, 10.x and 11.x).
-
-    Precision lives in the ONNX graph (the module is exported in fp16/bf16). TensorRT >= 10 builds
-    a strongly typed network from it (11.x has no precision flags at all); 8.x builds a weakly typed
-    explicit-batch network with the FP16/BF16 builder flag. A timing cache makes rebuilds quick.
+    """TensorRT engines built from the ONNX pieces by `hwaware.tensorrt_build.build_plan`, the builder
+    export uses too (same typing per TensorRT version, same optimisation profile rule, same timing
+    cache handling), for the batch being timed. Precision lives in the ONNX graph (the module is
+    exported in fp16/bf16). Runs with torch's CUDA where torch can use the GPU, else through cuda-python.
     """
 
     name = "tensorrt"
+    needs_torch_cuda = False
 
     def __init__(self, device: str = "cuda", precision: str = "fp16", threads: int | None = None,
-                 timing_cache: str | Path | None = None, workspace_bytes: int = 4 << 30):
+                 timing_cache: str | Path | None = None):
         self.trt = require("tensorrt")
         super().__init__(device if device.startswith("cuda") else "cuda", precision, threads)
-        self.major = int(self.trt.__version__.split(".")[0])
         self.timing_cache = Path(timing_cache) if timing_cache else None
-        self.workspace_bytes = workspace_bytes
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
 
-    def build(self, onnx_path: str | Path) -> bytes:
-        """A serialized engine (plan) for `onnx_path`; export writes it as model.plan."""
-        trt = self.trt
-        creation = trt.NetworkDefinitionCreationFlag
-        flags = 0
-        if self.major < 10:
-            flags |= 1 << int(creation.EXPLICIT_BATCH)
-        strongly_typed = self.major >= 10 and hasattr(creation, "STRONGLY_TYPED")
-        if strongly_typed:
-            flags |= 1 << int(creation.STRONGLY_TYPED)
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise HwawareError(f"tensorrt: cannot parse {onnx_path}: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
-        if not strongly_typed and self.precision != "fp32":
-            config.set_flag(getattr(trt.BuilderFlag, self.precision.upper()))
-        cached = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.exists() else b""
-        cache = config.create_timing_cache(cached)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise HwawareError(f"tensorrt: building an engine from {onnx_path} failed (see TensorRT's log above)")
-        if self.timing_cache:
-            serialized = bytes(cache.serialize())
-            atomic_write(self.timing_cache, lambda tmp: tmp.write_bytes(serialized))
-        return bytes(plan)
-
     def prepare_onnx(self, onnx_path, example):
-        return self.load_plan(self.build(onnx_path), example)
+        from hwaware.tensorrt_build import build_plan
+
+        plan, _ = build_plan(onnx_path, self.precision, (int(example.shape[0]),), self.timing_cache)
+        return self.load_plan(plan, example)
 
     def load_plan(self, plan: bytes, example: torch.Tensor):
         engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(plan)
         if engine is None:
             raise HwawareError("tensorrt: the engine does not deserialize on this TensorRT/GPU")
-        return _TensorRTRunner(self.trt, engine, example.to(self.device))
+        if torch.cuda.is_available():
+            return _TensorRTRunner(self.trt, engine, example.to(self.device))
+        return _TensorRTCudaPythonRunner(self.trt, engine, example.numpy(), self.gpu_index)
 
     def versions(self) -> dict:
         return {"tensorrt": self.trt.__version__, "torch_cuda": torch.version.cuda}
@@ -284,6 +280,31 @@ class _TensorRTRunner:
         return _cuda_time(lambda: self.context.execute_async_v3(self.stream.cuda_stream), repeats)
 
 
+class _TensorRTCudaPythonRunner:
+    """The same engine run where torch cannot use the GPU: buffers and events from cuda-python."""
+
+    def __init__(self, trt, engine, example: np.ndarray, index: int):
+        from hwaware.latency.cuda_runtime import DeviceArray, EventTimer
+
+        self.context = engine.create_execution_context()
+        self.timer = EventTimer()
+        self.buffers = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                buffer = DeviceArray(example.astype(dtype), device=index)
+                self.context.set_input_shape(name, example.shape)
+            else:
+                shape = tuple(self.context.get_tensor_shape(name))
+                buffer = DeviceArray(nbytes=int(np.prod(shape)) * dtype.itemsize, device=index)
+            self.context.set_tensor_address(name, buffer.ptr)
+            self.buffers.append(buffer)
+
+    def time(self, repeats: int) -> list[float]:
+        return self.timer.time(self.context.execute_async_v3, repeats)
+
+
 BACKEND_CLASSES = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "torch": TorchBackend}
 
 
@@ -294,39 +315,16 @@ def get_backend(name: str, device: str = "cpu", precision: str = "fp32", threads
 
 
 def environment(backend: Backend) -> dict:
-    """Provenance for a table's sidecar: versions, driver, CPU model, threads."""
-    from hwaware.latency.devices import cpu_model
+    """Provenance for a table's sidecar: the host fingerprint (CPU or GPU, driver, clocks, serving-stack
+    versions), Python and torch versions, and the thread count."""
+    from hwaware.latency.host import host_fingerprint
 
     env = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **host_fingerprint("cuda" if backend.on_gpu else "cpu", backend.gpu_index if backend.on_gpu else 0),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "driver": _nvidia_driver(),
-        "onnxruntime": _version_of("onnxruntime"),
-        "tensorrt": _version_of("tensorrt"),
         "threads": backend.threads,
     }
-    if backend.on_gpu:
-        env["gpu"] = torch.cuda.get_device_name(torch.device(backend.device))
     env.update(backend.versions())
     return env
-
-
-def _version_of(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except ImportError:
-        return None
-
-
-def _nvidia_driver() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None

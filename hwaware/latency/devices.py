@@ -8,8 +8,6 @@ roofline `--estimate` scales. Users add a device by adding a file.
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,14 +106,6 @@ class DeviceProfile:
             raise HwawareError(f"profile {self.name}: no peak FLOP/s for {precision} in {self.path or 'the profile'}")
         return float(value)
 
-    def tensorrt_supported(self, version: str) -> bool:
-        """Whether TensorRT `version` supports this device (profiles give min/max release)."""
-        def key(v: str) -> tuple[int, ...]:
-            return tuple(int(p) for p in str(v).split(".")[:2] if p.isdigit())
-
-        low, high = self.tensorrt.get("min_version"), self.tensorrt.get("max_version")
-        return (low is None or key(version) >= key(low)) and (high is None or key(version) <= key(high))
-
 
 def profile_dirs() -> list[Path]:
     """Where device profiles are looked up, first match wins: each folder in `$HWAWARE_PROFILES`
@@ -199,21 +189,20 @@ class PresentDevice:
         return self.name if self.kind == "cpu" else f"cuda:{self.index} {self.name}"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def present_devices() -> list[PresentDevice]:
-    """This machine's CPU and every CUDA device torch can see."""
-    found = [PresentDevice("cpu", 0, f"CPU {cpu_model()} ({os.cpu_count()} cores)")]
-    if not shutil.which("nvidia-smi") and not Path("/proc/driver/nvidia").exists():
+    """This machine's CPU and every NVIDIA GPU: from nvidia-smi (so a GPU counts even where torch has no
+    kernels for it, as on a V100 with a current torch), else from torch."""
+    from hwaware.latency.host import cpu_model, gpus, usable_cores
+
+    found = [PresentDevice("cpu", 0, f"CPU {cpu_model()} ({usable_cores()} cores)")]
+    listed = gpus()
+    if listed:
+        for gpu in listed:
+            cc = gpu["compute_capability"]
+            found.append(PresentDevice("cuda", gpu["index"], gpu["gpu"],
+                                       tuple(int(p) for p in cc.split(".")) if cc else None))
+        return found
+    if not Path("/proc/driver/nvidia").exists():
         return found  # no NVIDIA driver: skip importing torch just to hear that
     try:
         import torch

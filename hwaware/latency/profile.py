@@ -343,8 +343,13 @@ def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str 
     """The backend object for a present device of `profile` (raises if the device is absent)."""
     present = find_present(profile)
     device = "cpu" if present.kind == "cpu" else f"cuda:{present.index}"
-    return get_backend(backend or profile.backend, device=device, precision=precision or profile.precision,
-                       threads=threads)
+    runner_backend = get_backend(backend or profile.backend, device=device, precision=precision or profile.precision,
+                                 threads=threads)
+    if runner_backend.name == "tensorrt":
+        from hwaware.tensorrt_build import check_supported
+
+        check_supported(profile.tensorrt, runner_backend.trt.__version__, profile.description)
+    return runner_backend
 
 
 def profile_device(device: str, space: str | SearchSpace, backend: str | None = None, precision: str | None = None,
