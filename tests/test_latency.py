@@ -361,14 +361,16 @@ def test_cli_absent_device_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_bad_inputs(tmp_path, capsys):
+def test_cli_bad_inputs(tmp_path, capsys, monkeypatch):
     from hwaware.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no project file here
 
     for args, expected in [
         (("profile", "--device", "nope", "--space", "digits"), "unknown device 'nope'"),
         (("profile", "--validate", str(tmp_path / "missing.csv")), "does not exist"),
         (("profile", "--device", "cpu", "--space", "nope"), "unknown space"),
-        (("profile", "--device", "cpu"), "--device and --space are required"),
+        (("profile", "--device", "cpu"), "--space is required (there is no hwaware.yaml here"),
     ]:
         assert main(list(args)) == 2
         err = capsys.readouterr().err
