@@ -27,22 +27,35 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
 
     if table is None and device is None:
         raise HwawareError("latency: give --device (to find the table in latency_tables/) or --table FILE")
+    from hwaware.latency.recalibrate import warn_if_other_host
+
     path = Path(table) if table is not None else find_table(device, space.name, root=tables_root)
     loaded = LatencyTable.load(path)
     loaded.check_space(space)
+    if device is not None and loaded.device != device:
+        raise HwawareError(f"latency table: {path} was measured on device {loaded.device!r}, not {device!r}")
+    warn_if_other_host(loaded)
     return loaded
 
 
-def _split_batches(model, meta: Mapping[str, Any], split: str, batch_size: int) -> list:
+def dataset_of(meta: Mapping[str, Any], data: str | None) -> str:
+    """The dataset to score on: `data` if given, else the one the checkpoint records."""
+    spec = data or meta.get("data")
+    if not spec:
+        raise HwawareError("data: the checkpoint records no dataset (an imported supernet?); pass --data")
+    return spec
+
+
+def _split_batches(model, data: str, split: str, batch_size: int) -> list:
     """A split's batches, materialised once: a search scores hundreds of Archs on the same images."""
     from hwaware.data import build_loader
 
-    return list(build_loader(meta["data"], model.space, split, batch_size))
+    return list(build_loader(data, model.space, split, batch_size))
 
 
 def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
                       device: str | None = None, table: str | Path | None = None,
-                      tables_root: str | Path = "latency_tables", batch_size: int = 512,
+                      tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
                       progress: bool = True, **search_options: Any):
     """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...}).
 
@@ -71,7 +84,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     latency = load_table_for(space, device, table, tables_root) if (needs_latency or device or table) else None
     rank, _, _, owned = setup_distributed("cpu")
     try:
-        val = _split_batches(model, meta, "val", batch_size)
+        val = _split_batches(model, dataset_of(meta, data), "val", batch_size)
         search = EvolutionSearch(
             space, lambda arch: evaluate(model, arch, val)["top1"],
             standard_costs(space, latency.predict if latency else None), targets,
@@ -95,8 +108,13 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
 def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path, *,
                       formats: str = "timm,onnx,triton", precision: str = "fp32", batch_sizes: str = "1,8,32",
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
-                      tables_root: str | Path = "latency_tables"):
-    """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency."""
+                      tables_root: str | Path = "latency_tables", data: str | None = None,
+                      table_optional: bool = False):
+    """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency.
+
+    With `table_optional` (the device came from the project file, not the user) a missing table
+    means no predicted latency on the card rather than an error.
+    """
     from hwaware.evaluation import evaluate, load_supernet
     from hwaware.export import export_model, preflight
 
@@ -104,12 +122,20 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     model, meta = load_supernet(checkpoint)
     space = model.space
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
-    card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": meta["data"]}
-    test_batches = _split_batches(model, meta, "test", 512)
-    for split, batches in (("val", _split_batches(model, meta, "val", 512)), ("test", test_batches)):
+    data = dataset_of(meta, data)
+    card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
+    test_batches = _split_batches(model, data, "test", 512)
+    for split, batches in (("val", _split_batches(model, data, "val", 512)), ("test", test_batches)):
         card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
+    latency = None
     if device is not None or table is not None:
-        latency = load_table_for(space, device, table, tables_root)
+        try:
+            latency = load_table_for(space, device, table, tables_root)
+        except HwawareError as exc:
+            if not table_optional:
+                raise
+            _log(f"hwaware export: no predicted latency on the card ({exc})")
+    if latency is not None:
         card.update(predicted_latency_ms=latency.predict(arch), latency_table=str(latency.path),
                     latency_batch_size=latency.batch_size)
     return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,

@@ -15,7 +15,7 @@ import warnings
 
 from hwaware.errors import HwawareError
 
-COMMAND_ORDER = ("space", "train", "profile", "search", "export", "pipeline")
+COMMAND_ORDER = ("space", "train", "profile", "search", "export", "pipeline", "init")
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,3 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwaware {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def fill_from_project(args: argparse.Namespace, command: str, flags: dict[str, str],
+                      required: tuple[str, ...] = ()) -> set[str]:
+    """Give each flag in `flags` (argparse dest -> project key) that was left out the project file's value,
+    say on stderr what was taken, and refuse in one line when a `required` one is still missing.
+    Returns the dests that were filled."""
+    from hwaware.project import PROJECT_FILE, load_project
+
+    project = load_project()
+    used, filled = [], set()
+    for dest, key in flags.items():
+        if getattr(args, dest) is None and project is not None and project.get(key) is not None:
+            setattr(args, dest, project.get(key))
+            filled.add(dest)
+            used.append(f"{dest.replace('_', '-')} {getattr(args, dest)}")
+    if used:
+        print(f"hwaware {command}: from {PROJECT_FILE}: {', '.join(used)}", file=sys.stderr)
+    for dest in required:
+        if getattr(args, dest) is None:
+            flag = "--" + dest.replace("_", "-")
+            where = f"{PROJECT_FILE} has no {flags[dest]}" if project else f"there is no {PROJECT_FILE} here"
+            raise HwawareError(f"{flag} is required ({where}; `hwaware pipeline`, `hwaware train` or "
+                               f"`hwaware init {'--' + flags[dest]} ...` records one)")
+    return filled

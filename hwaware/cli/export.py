@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from hwaware.cli import fill_from_project
+
 
 def cmd_export(args: argparse.Namespace) -> None:
     from hwaware.pipeline import export_checkpoint
 
+    filled = fill_from_project(args, "export", {"checkpoint": "checkpoint", "device": "device", "tables": "tables"},
+                               required=("checkpoint",))
+    args.tables = args.tables or "latency_tables"
     result = export_checkpoint(args.checkpoint, args.arch, args.out, formats=args.format, precision=args.precision,
                                batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,
-                               tables_root=args.tables)
+                               tables_root=args.tables, data=args.data, table_optional="device" in filled)
     card = result.card
     print(f"exported {', '.join(result.formats)} to {result.out_dir}: {card['arch_short']}, "
           f"{card['params']:,} params, {card['flops']:,} FLOPs, val top-1 {card['val_top1']:.4f}, "
@@ -22,6 +27,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from hwaware.pipeline import bench_export
 
+    fill_from_project(args, "bench", {"device": "device", "tables": "tables"})
+    args.device, args.tables = args.device or "cpu", args.tables or "latency_tables"
     r = bench_export(args.dir, args.device, backend=args.backend, batch_size=args.batch, table=args.table,
                      tables_root=args.tables)
     if args.json:
@@ -40,7 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     export = sub.add_parser("export", help="export a subnet as timm, ONNX, TensorRT and a Triton repository")
-    export.add_argument("--checkpoint", required=True, help="a trained supernet (RUN/last.pt)")
+    export.add_argument("--checkpoint", help="a trained supernet (RUN/last.pt; default: the project's)")
+    export.add_argument("--data", help="dataset for the card's top-1 (default: the one the checkpoint records)")
     export.add_argument("--arch", required=True, help="largest, smallest, middle or an Arch YAML (e.g. search's best)")
     export.add_argument("--format", default="timm,onnx,triton", help="any of timm,onnx,tensorrt,triton")
     export.add_argument("--out", required=True, help="export folder (refused if it exists, unless --force)")
@@ -49,16 +57,16 @@ def register(sub) -> None:
                         help="checked batches, TensorRT profile and Triton max batch (default 1,8,32)")
     export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
     export.add_argument("--table", help="a latency table CSV (instead of --device)")
-    export.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    export.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     export.add_argument("--force", action="store_true", help="replace an existing export folder")
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="measure an exported model and compare with the table's prediction")
     bench.add_argument("dir", help="an export folder")
-    bench.add_argument("--device", default="cpu", help="device profile (default cpu)")
+    bench.add_argument("--device", help="device profile (default: the project's, else cpu)")
     bench.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the table's")
     bench.add_argument("--batch", type=int, help="default: the table's batch size")
     bench.add_argument("--table", help="a latency table CSV (default: found for --device)")
-    bench.add_argument("--tables", default="latency_tables", help="folder of latency tables")
+    bench.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench)

@@ -6,13 +6,21 @@ import argparse
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from hwaware.pipeline import run_pipeline
+    from pathlib import Path
 
+    from hwaware.pipeline import run_pipeline
+    from hwaware.project import PROJECT_FILE, remember
+
+    out = Path(args.out)
+    remember(space="digits", checkpoint=out / "supernet" / "last.pt", tables=out / "latency_tables", device="cpu",
+             outputs=out)  # first, so an interrupted pipeline has left its project file too
     result = run_pipeline(args.out, latency_ms=args.latency_ms, progress=not args.quiet)
     total = sum(result["seconds"].values())
     print(f"pipeline done in {total:.0f} s: budget {result['budget_ms']:g} ms, "
           f"test top-1 {result['card']['test_top1']:.4f}, measured {result['bench']['measured_ms']:.4f} ms, "
           f"predicted {result['bench'].get('predicted_ms', float('nan')):.4f} ms; see {args.out}/report.md")
+    print(f"{PROJECT_FILE} records this run: `hwaware profile --device NAME` and `hwaware search --latency-ms X` "
+          "here need no other flag")
 
 
 def register(sub) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hwaware.cli import fill_from_project
 from hwaware.errors import HwawareError
 
 
@@ -24,8 +25,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
         report = validate_table(args.validate, count=args.subnets, seed=args.seed, progress=not args.quiet)
         _print_validation(f"validation of {args.validate} on fresh subnets", report)
         return
-    if not args.device or not args.space:
-        raise HwawareError("profile: --device and --space are required (or --validate TABLE)")
+    if args.recalibrate:
+        _recalibrate(args)
+        return
+    if not args.device:
+        raise HwawareError("--device is required (a profile name such as cpu, t4, v100; or --validate / "
+                           "--recalibrate TABLE)")
+    fill_from_project(args, "profile", {"space": "space", "out": "tables"}, required=("space",))
+    args.out = args.out or "latency_tables"
     profile = load_device_profile(args.device)
     if not args.estimate:
         find_present(profile)  # before torch loads: an absent device is a quick one-line answer
@@ -55,25 +62,46 @@ def cmd_profile(args: argparse.Namespace) -> None:
               f"~{timing['end_to_end_1000_candidates_seconds']:.0f} s")
 
 
+def _recalibrate(args: argparse.Namespace) -> None:
+    from hwaware.latency.recalibrate import recalibrate_table
+    from hwaware.latency.table import LatencyTable
+
+    fill_from_project(args, "profile", {"out": "tables"})
+    if args.out is None:
+        raise HwawareError("--out is required with --recalibrate (the folder for the recalibrated table)")
+    path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
+                             holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
+                             seed=args.seed or 0, progress=not args.quiet, force=args.force)
+    table = LatencyTable.load(path)
+    info = table.meta["recalibration"]
+    print(f"wrote {path}: refitted on {table.meta['calibration']['fit_n']} subnets timed here in {info['seconds']:.0f} s")
+    _print_validation("held-out before recalibration", info["validation_before"])
+    _print_validation("held-out after recalibration", table.validation)
+
+
 def register(sub) -> None:
     prof = sub.add_parser("profile", help="measure a per-device latency table (or --estimate, --validate)")
     prof.add_argument("--device", help="device profile name (profiles/<name>.yaml), e.g. cpu, t4, h100")
-    prof.add_argument("--space", help="built-in space name or YAML file")
     prof.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the profile's")
     prof.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the profile's")
     prof.add_argument("--batch", type=int, help="batch size (default: the profile's first)")
-    prof.add_argument("--out", default="latency_tables", help="folder for the table (default latency_tables/)")
+    prof.add_argument("--space", help="built-in space name or YAML file (default: the project's)")
+    prof.add_argument("--out", help="folder for the table (default: the project's tables, else latency_tables/)")
     prof.add_argument("--seed", type=int, help="seed for piece order and calibration subnets (default 0)")
     prof.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
     prof.add_argument("--warmup", type=int, help="warm-up runs per item")
     prof.add_argument("--min-repeats", dest="min_repeats", type=int, help="minimum timed runs per item")
     prof.add_argument("--min-time", dest="min_time_s", type=float, help="minimum seconds of timed runs per item")
-    prof.add_argument("--fit-subnets", dest="fit_subnets", type=int, help="whole subnets the correction is fitted on")
-    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=int, help="held-out subnets it is validated on")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=int,
+                      help="whole subnets the correction is fitted on (--recalibrate: default 10)")
+    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=int,
+                      help="held-out subnets it is validated on (--recalibrate: default 10)")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
     prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")
     prof.add_argument("--calibrate-from", dest="calibrate_from", help="measured table to fit --estimate's efficiencies on")
     prof.add_argument("--validate", metavar="TABLE", help="measure fresh subnets end to end and report the table's error")
     prof.add_argument("--subnets", type=int, default=30, help="subnets for --validate (default 30)")
+    prof.add_argument("--recalibrate", metavar="TABLE",
+                      help="refit TABLE's correction on whole subnets timed on this host; writes a new table in --out")
     prof.add_argument("--quiet", action="store_true", help="no progress bar")
     prof.set_defaults(func=cmd_profile)

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+from hwaware.cli import fill_from_project
+
+BUDGET_FLAGS = ("latency_ms", "flops_g", "params_m", "min_params_m")
+
+
+def default_out(outputs: str | None, budgets: dict) -> str:
+    """`<outputs>/search-latency_ms-5` (one folder per budget set, so another budget is another search)."""
+    label = "-".join(f"{k}-{v}" for k, v in budgets.items() if v is not None)
+    return f"{outputs or 'runs'}/search-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}"
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -11,12 +22,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     from hwaware.pipeline import search_checkpoint
     from hwaware.search import summary_table
 
-    budgets = {"latency_ms": args.latency_ms, "flops_g": args.flops_g, "params_m": args.params_m,
-               "min_params_m": args.min_params_m}
+    fill_from_project(args, "search", {"checkpoint": "checkpoint", "device": "device", "tables": "tables",
+                                       "outputs": "outputs"}, required=("checkpoint",))
+    budgets = {k: getattr(args, k) for k in BUDGET_FLAGS}
+    args.out = args.out or default_out(args.outputs, budgets)
+    args.tables = args.tables or "latency_tables"
     options = {k: getattr(args, k) for k in ("population", "generations", "parents", "mutation_children",
                                              "crossover_children", "strategy", "seed") if getattr(args, k) is not None}
     result = search_checkpoint(args.checkpoint, args.out, budgets, device=args.device, table=args.table,
-                               tables_root=args.tables, progress=not args.quiet, **options)
+                               tables_root=args.tables, data=args.data, progress=not args.quiet, **options)
     if os.environ.get("RANK", "0") == "0":
         print(summary_table(result))
         print(f"results in {args.out}/ (best_*.yaml, candidates.csv, pareto.csv, pareto.png)")
@@ -24,15 +38,18 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     search = sub.add_parser("search", help="evolutionary search under latency / FLOPs / params budgets")
-    search.add_argument("--checkpoint", required=True, help="a trained supernet (RUN/last.pt)")
+    search.add_argument("--checkpoint", help="a trained supernet (RUN/last.pt; default: the project's)")
+    search.add_argument("--data", help="dataset to score subnets on (default: the one the checkpoint records)")
     search.add_argument("--device", help="device whose table (in --tables) prices latency, e.g. cpu")
     search.add_argument("--table", help="a latency table CSV (instead of --device)")
-    search.add_argument("--tables", default="latency_tables", help="folder of latency tables (default latency_tables/)")
+    search.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     search.add_argument("--latency-ms", dest="latency_ms", help="latency budget(s) in ms, e.g. 5 or 1,2,5")
     search.add_argument("--flops-g", dest="flops_g", help="FLOPs budget(s) in G multiply-adds")
     search.add_argument("--params-m", dest="params_m", help="parameter budget(s) in millions")
     search.add_argument("--min-params-m", dest="min_params_m", help="lower bound on parameters (AutoFormer's window)")
-    search.add_argument("--out", required=True, help="folder for best_*.yaml, candidates.csv, pareto.csv/png")
+    search.add_argument("--out", help="folder for best_*.yaml, candidates.csv, pareto.csv/png "
+                        "(default: <project outputs or runs>/search-<budgets>)")
+    search.set_defaults(outputs=None)
     search.add_argument("--strategy", choices=["evolution", "random"], help="default evolution")
     search.add_argument("--population", type=int, help="default 50")
     search.add_argument("--generations", type=int, help="default 20")

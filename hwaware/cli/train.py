@@ -1,4 +1,4 @@
-"""`hwaware train` and `hwaware evaluate`: supernet training (DDP under torchrun) and top-1 of a subnet."""
+"""`hwaware train` and `hwaware evaluate`: supernet or fixed-subnet training (DDP under torchrun) and top-1 of a subnet."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ import json
 
 _TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
                 "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "seed", "checkpoint_every", "num_workers",
-                "device", "threads")
+                "device", "threads", "init_from", "distill")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     import os
 
-    from hwaware.train import make_config, train_supernet
+    from hwaware.space import get_space, resolve_arch
+    from hwaware.train import make_config, train_supernet, val_summary
 
-    config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, progress=not args.quiet)
+    arch = resolve_arch(args.arch, get_space(args.space)) if args.arch else None
+    config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
     row = train_supernet(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
-        print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 largest {row['val_top1_largest']:.4f} "
-              f"smallest {row['val_top1_smallest']:.4f} middle {row['val_top1_middle']:.4f}; "
+        print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 {val_summary(row)}; "
               f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
 
 
@@ -32,18 +33,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
+    from hwaware.space import Arch
+
     print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['n']} images of {result['data']}, "
-          f"arch {args.arch}, epoch {result['epoch']})")
+          f"arch {Arch.from_dict(result['arch']).short()}, epoch {result['epoch']})")
 
 
 def register(sub) -> None:
     train = sub.add_parser("train", help="train a supernet (resumes when run again; DDP under torchrun)")
     train.add_argument("--space", required=True, help="built-in space name or YAML file")
-    train.add_argument("--data", required=True, help="digits, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    train.add_argument("--data", required=True,
+                       help="digits, animals, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
     train.add_argument("--out", required=True, help="run folder: last.pt, metrics.csv, run.json")
-    train.add_argument("--recipe", help="built-in recipe (digits, imagenet) or YAML of settings; default: digits for "
-                       "--data digits, else imagenet")
-    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's)")
+    train.add_argument("--recipe", help="built-in recipe (digits, animals, imagenet) or YAML of settings; default: the "
+                       "one named like --data (digits, animals), else imagenet")
+    train.add_argument("--arch", help="train this one subnet (an Arch YAML, or largest/smallest/middle) instead of "
+                       "the supernet; its checkpoint works with evaluate, search and export")
+    train.add_argument("--init-from", dest="init_from", help="with --arch: start from this supernet checkpoint's "
+                       "weights (same space) and distil from its largest subnet (see --no-distill)")
+    train.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                       help="sandwich: distil smaller subnets from the largest; --arch --init-from: from the "
+                       "supernet's largest (default on)")
+    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's; "
+                       "--arch trains one subnet)")
     train.add_argument("--num-random", dest="num_random", type=int, help="sandwich: random subnets per step")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
@@ -65,7 +77,8 @@ def register(sub) -> None:
 
     ev = sub.add_parser("evaluate", help="top-1 / top-5 of one subnet of a trained supernet")
     ev.add_argument("--checkpoint", required=True, help="a supernet checkpoint (RUN/last.pt)")
-    ev.add_argument("--arch", default="largest", help="largest, smallest, middle or an Arch YAML (default largest)")
+    ev.add_argument("--arch", help="largest, smallest, middle or an Arch YAML (default: the subnet a --arch run "
+                    "trained, else largest)")
     ev.add_argument("--split", choices=["val", "test"], default="val")
     ev.add_argument("--data", help="dataset spec (default: the one the supernet was trained on)")
     ev.add_argument("--batch-size", dest="batch_size", type=int, default=256)

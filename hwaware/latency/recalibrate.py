@@ -1,0 +1,115 @@
+"""A latency table carried to another host: warn when the host differs, and recalibrate it cheaply.
+
+The pieces of a table keep their relative costs across hosts of one class far better than their
+absolute ones (the committed autoformer-t table ranked subnets with Kendall tau 0.895 on a host
+where its absolute predictions were 181 % off). So `recalibrate_table` keeps the pieces, times a
+few whole subnets here, refits the 3-term correction on them and validates it on held-out
+subnets: minutes instead of a full profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hwaware.errors import HwawareError
+from hwaware.latency.backends import Backend, environment
+from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
+from hwaware.latency.host import fingerprint_differences, host_fingerprint
+from hwaware.latency.protocol import time_runner
+from hwaware.latency.table import Calibration, LatencyTable, validation_metrics
+from hwaware.space import Arch
+
+
+def host_differences(table: LatencyTable) -> list[str] | None:
+    """How this machine differs from the host `table` was measured on; None when the table's device
+    is not here (a V100 table read on a CPU box describes the V100, not this machine)."""
+    if table.estimated:
+        return None
+    profile = load_device_profile(table.device)
+    try:
+        present = find_present(profile)
+    except HwawareError:
+        return None
+    recorded = table.meta.get("environment") or {}
+    return fingerprint_differences(recorded, host_fingerprint(present.kind, present.index))
+
+
+def warn_if_other_host(table: LatencyTable, command: str = "hwaware") -> None:
+    """One warning on stderr naming what differs, and the command that fixes it."""
+    differences = host_differences(table)
+    if differences:
+        print(f"{command}: warning: {table.path} was measured on another host ({'; '.join(differences[:3])}); "
+              f"its predictions may be off here: hwaware profile --recalibrate {table.path}", file=sys.stderr)
+
+
+def measure_subnets(backend: Backend, table: LatencyTable, archs: list[Arch], settings: MeasureSettings,
+                    progress: bool = True, desc: str = "subnets") -> list[float]:
+    """Each Arch exported and timed end to end as the table's statistic (median or min), in ms."""
+    from tqdm import tqdm
+
+    from hwaware.vit import build_vit
+
+    space = table.space
+    measured = []
+    with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
+        for arch in tqdm(archs, desc=desc, disable=not progress, file=sys.stderr):
+            x = torch.randn(table.batch_size, space.in_chans, space.img_size, space.img_size)
+            runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
+            measured.append(time_runner(runner, settings).reading(settings.statistic))
+    return measured
+
+
+def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 10, holdout_subnets: int = 10,
+                      seed: int = 0, progress: bool = True, force: bool = False) -> Path:
+    """Refit `csv_path`'s correction on `fit_subnets` whole subnets timed here, validate it on
+    `holdout_subnets` others, and write the result as a new table (same name) in `out`."""
+    from hwaware.latency.profile import resolve_backend, sample_subnets
+
+    if fit_subnets < 3 or holdout_subnets < 0:
+        raise HwawareError("recalibrate: --fit-subnets must be at least 3 and --holdout-subnets at least 0")
+    csv_path = Path(csv_path)
+    table = LatencyTable.load(csv_path)
+    target = Path(out) / csv_path.name
+    if target.resolve() == csv_path.resolve() and not force:
+        raise HwawareError(f"recalibrate: {target} is the table being recalibrated; pass --out DIR "
+                           "(or --force to replace it)")
+    profile = load_device_profile(table.device)
+    settings = MeasureSettings.from_dict(table.meta.get("settings"))
+    backend = resolve_backend(profile, table.backend, table.precision, settings.threads)
+    archs = sample_subnets(table.space, fit_subnets + holdout_subnets, random.Random(seed))
+    started = time.perf_counter()
+    measured = measure_subnets(backend, table, archs, settings, progress, desc=f"recalibrate {csv_path.stem}")
+    seconds = time.perf_counter() - started
+    sums = [table.piece_sum(a) for a in archs]
+    depths = [a.depth + 2 for a in archs]
+    fit = slice(0, fit_subnets)
+    calibration = Calibration.fit(sums[fit], depths[fit], measured[fit])
+    held = range(fit_subnets, len(archs))
+    before = [table.predict(archs[i]) for i in held]
+    after = [calibration.apply(sums[i], depths[i]) for i in held]
+    meta = dict(table.meta)
+    meta.update(
+        calibration={**calibration.to_dict(), "fit_n": fit_subnets},
+        validation=validation_metrics([measured[i] for i in held], after),
+        environment=environment(backend),
+        recalibration={
+            "from": str(csv_path), "from_csv_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+            "previous_environment": table.meta.get("environment"), "previous_calibration": table.meta.get("calibration"),
+            "validation_before": validation_metrics([measured[i] for i in held], before),
+            "seed": seed, "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "subnets": [{"arch": a.to_dict(), "measured_ms": m, "piece_sum_ms": s,
+                         "split": "fit" if i < fit_subnets else "holdout"}
+                        for i, (a, m, s) in enumerate(zip(archs, measured, sums))],
+        },
+    )
+    for stale in ("subnets", "validation_uncalibrated", "validation_without_drifted", "validation_other_statistic",
+                  "revalidations"):
+        meta.pop(stale, None)  # they describe the old host
+    return LatencyTable(table.rows.copy(), meta).save(target)

@@ -1,0 +1,86 @@
+"""The project file: what a folder's hwaware work is about, so later commands need no repeated flags.
+
+`hwaware.yaml` in the working folder records the space, the supernet checkpoint, the latency
+tables folder, the device and where outputs go. `hwaware pipeline`, `hwaware train`, `hwaware
+import` and `hwaware init` write it; `profile`, `search`, `export` and `bench` fill in what a user
+did not pass from it and say what they used. Explicit flags always win. Paths are stored relative
+to the file's folder, so a copied or moved project keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hwaware.errors import HwawareError
+from hwaware.io import atomic_write_text
+
+PROJECT_FILE = "hwaware.yaml"
+PATH_FIELDS = ("checkpoint", "tables", "outputs")
+MAX_BYTES = 64 * 1024
+
+
+@dataclass
+class Project:
+    """The settings a folder's commands share; None means 'not recorded'."""
+
+    space: str | None = None
+    checkpoint: str | None = None
+    tables: str | None = None
+    device: str | None = None
+    outputs: str | None = None
+    folder: Path = Path(".")
+
+    @property
+    def path(self) -> Path:
+        return self.folder / PROJECT_FILE
+
+    def get(self, key: str) -> str | None:
+        """A recorded value; paths come back as seen from the current folder."""
+        value = getattr(self, key)
+        if value is None or key not in PATH_FIELDS:
+            return value
+        return os.path.relpath(self.folder / value) if not Path(value).is_absolute() else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "folder" and v is not None}
+
+
+def load_project(folder: str | Path = ".") -> Project | None:
+    """The project of `folder`, or None where there is no project file; a malformed one is one line."""
+    folder = Path(folder)
+    path = folder / PROJECT_FILE
+    if not path.exists():
+        return None
+    if not path.is_file() or path.stat().st_size > MAX_BYTES:
+        raise HwawareError(f"project: {path} is not a small YAML file; delete it or run hwaware init again")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise HwawareError(f"project: {path} is unreadable ({str(exc).splitlines()[0][:120]})") from None
+    data = data or {}
+    known = {f.name for f in fields(Project)} - {"folder"}
+    if not isinstance(data, dict) or set(data) - known or not all(isinstance(v, str) for v in data.values()):
+        raise HwawareError(f"project: {path} must map {', '.join(sorted(known))} to strings")
+    return Project(**data, folder=folder)
+
+
+def remember(folder: str | Path = ".", **values: str | Path | None) -> Project:
+    """Record `values` in the project file of `folder` (created if missing), keeping what it held."""
+    folder = Path(folder)
+    project = load_project(folder) or Project(folder=folder)
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key not in PATH_FIELDS:
+            setattr(project, key, str(value))
+            continue
+        path = Path(value)
+        setattr(project, key, path.as_posix() if path.is_absolute() else os.path.relpath(path, folder))
+    header = "# hwaware project: read by profile, search, export and bench for flags you leave out.\n"
+    atomic_write_text(project.path, header + yaml.safe_dump(project.to_dict(), sort_keys=False))
+    return project

@@ -1,0 +1,74 @@
+"""The project file (hwaware.yaml): recorded once, filled into later commands' missing flags, explicit flags win."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from hwaware.cli import fill_from_project, main
+from hwaware.errors import HwawareError
+from hwaware.project import PROJECT_FILE, load_project, remember
+
+
+def test_remember_stores_paths_relative_to_the_project_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    remember(space="digits", checkpoint="runs/p/supernet/last.pt", tables="runs/p/latency_tables", device="cpu")
+    remember(outputs="runs/p")  # an update keeps what was there
+    project = load_project()
+    assert project.to_dict() == {"space": "digits", "checkpoint": "runs/p/supernet/last.pt",
+                                 "tables": "runs/p/latency_tables", "device": "cpu", "outputs": "runs/p"}
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_project("..").get("checkpoint") == "../runs/p/supernet/last.pt"  # seen from where we are
+
+
+def test_flags_left_out_come_from_the_project_and_explicit_flags_win(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    remember(checkpoint="ck/last.pt", device="cpu", tables="t")
+    args = argparse.Namespace(checkpoint=None, device="h100", tables=None)
+    filled = fill_from_project(args, "search", {"checkpoint": "checkpoint", "device": "device", "tables": "tables"})
+    assert (args.checkpoint, args.device, args.tables) == ("ck/last.pt", "h100", "t") and filled == {"checkpoint", "tables"}
+    assert "from hwaware.yaml: checkpoint ck/last.pt, tables t" in capsys.readouterr().err
+
+
+def test_missing_required_flag_names_the_flag_and_how_to_record_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--latency-ms", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint is required (there is no hwaware.yaml here" in err and len(err.strip().splitlines()) == 1
+    remember(space="digits")
+    assert main(["search", "--latency-ms", "5"]) == 2
+    assert "hwaware.yaml has no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["space: [digits]\n", "nonsense: x\n", "a: [\n"])
+def test_a_malformed_project_file_is_one_line(tmp_path, monkeypatch, capsys, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / PROJECT_FILE).write_text(text)
+    assert main(["search", "--latency-ms", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "project: " in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(HwawareError):
+        load_project()
+
+
+def test_init_records_validated_values(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--space", "nope"]) == 2 and not (tmp_path / PROJECT_FILE).exists()
+    capsys.readouterr()
+    assert main(["init", "--space", "digits", "--device", "cpu", "--tables", "tables"]) == 0
+    assert "space: digits" in capsys.readouterr().out
+    assert load_project().get("tables") == "tables"
+
+
+def test_profile_takes_space_and_tables_from_the_project(tmp_path):
+    """`hwaware profile --device v100` with nothing else: the space comes from hwaware.yaml, then the device
+    (absent here) is refused in one line, quickly, before torch is imported."""
+    (tmp_path / PROJECT_FILE).write_text("space: digits\ntables: tabs\n")
+    result = subprocess.run([sys.executable, "-m", "hwaware", "profile", "--device", "v100"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "hwaware profile: from hwaware.yaml: space digits, out tabs"
+    assert "v100" in lines[1] and "not present" in lines[1] and len(lines) == 2
