@@ -115,6 +115,12 @@ class SearchSpace:
     max_depth: int = 0
     max_heads: int = 0
     max_mlp_ratio: float = 0.0
+    # How the supernet computes (see COMPUTE_FIELDS); the defaults are hwaware's original timm ViT.
+    relative_position: bool = False
+    max_relative_position: int = 14
+    global_pool: str = "token"
+    norm_eps: float = 1e-6
+    qkv_layout: str = "timm"
 
     def __post_init__(self):
         for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
@@ -134,6 +140,30 @@ class SearchSpace:
             raise HwawareError(f"space {self.name}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if min(self.embed_dims) < 1 or min(self.depths) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratios) <= 0:
             raise HwawareError(f"space {self.name}: every choice must be positive")
+        self._check_compute_fields()
+
+    def _check_compute_fields(self) -> None:
+        if not isinstance(self.relative_position, bool):
+            raise HwawareError(f"space {self.name}: relative_position must be true or false, got {self.relative_position!r}")
+        if isinstance(self.max_relative_position, bool) or not isinstance(self.max_relative_position, int) \
+                or self.max_relative_position < 1:
+            raise HwawareError(f"space {self.name}: max_relative_position must be a positive integer, "
+                               f"got {self.max_relative_position!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise HwawareError(f"space {self.name}: global_pool must be one of {', '.join(GLOBAL_POOLS)}, "
+                               f"got {self.global_pool!r}")
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise HwawareError(f"space {self.name}: qkv_layout must be one of {', '.join(QKV_LAYOUTS)}, "
+                               f"got {self.qkv_layout!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) \
+                or not (0 < self.norm_eps < 1):
+            raise HwawareError(f"space {self.name}: norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the (square) image."""
+        return self.img_size // self.patch_size
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -232,10 +262,20 @@ class SearchSpace:
 
     # ---- I/O ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain data; how-it-computes fields at hwaware's original values are left out, so the dict of a
+        space that computes as before equals the dicts stored before those fields existed (checkpoints,
+        latency table sidecars, export configs)."""
         data = asdict(self)
         for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
             data[name] = list(data[name])
+        for name, original in TIMM_COMPUTE.items():
+            if data[name] == original:
+                del data[name]
         return data
+
+    def compute_settings(self) -> dict[str, Any]:
+        """The how-it-computes fields, all of them."""
+        return {name: getattr(self, name) for name in TIMM_COMPUTE}
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
@@ -261,6 +301,18 @@ class SearchSpace:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+GLOBAL_POOLS = ("token", "avg")
+QKV_LAYOUTS = ("timm", "autoformer")
+# hwaware's original computation: timm's ViT (class-token pooling, eps 1e-6, q/k/v stacked as blocks).
+TIMM_COMPUTE = {"relative_position": False, "max_relative_position": 14, "global_pool": "token", "norm_eps": 1e-6,
+                "qkv_layout": "timm"}
+# What AutoFormer's README trains and evaluates with (--gp --change_qkv --relative_position): relative position
+# encoding on top of the absolute one, mean of the normed patch tokens, torch's LayerNorm eps, and its qkv
+# layout (weight rows interleaved q/k/v, bias a contiguous prefix).
+AUTOFORMER_COMPUTE = {"relative_position": True, "max_relative_position": 14, "global_pool": "avg", "norm_eps": 1e-5,
+                      "qkv_layout": "autoformer"}
+
+
 def _from_autoformer(data: dict, source: str) -> SearchSpace:
     choices = data["SEARCH_SPACE"]
     supernet = data.get("SUPERNET") or {}
@@ -281,6 +333,7 @@ def _from_autoformer(data: dict, source: str) -> SearchSpace:
             max_depth=int(supernet.get("DEPTH", 0)),
             max_heads=int(supernet.get("NUM_HEADS", 0)),
             max_mlp_ratio=float(supernet.get("MLP_RATIO", 0.0)),
+            **AUTOFORMER_COMPUTE,
         )
     except (TypeError, ValueError) as exc:
         raise HwawareError(f"{source}: SEARCH_SPACE and SUPERNET values must be numbers ({exc})") from None
@@ -319,10 +372,16 @@ AUTOFORMER_CONFIGS = {"autoformer-t": "AutoFormer-T.yaml", "autoformer-s": "Auto
 
 
 def _builtin_spaces() -> dict[str, SearchSpace]:
-    """AutoFormer's three spaces, read from their released configs, then every `configs/spaces/*.yaml`."""
+    """AutoFormer's three spaces, read from their released configs, then every `configs/spaces/*.yaml`.
+
+    `autoformer-t/s/b` compute as AutoFormer does, so its released checkpoints import exactly;
+    `autoformer-t/s/b-timm` are the same choices computed as a plain timm ViT (hwaware's original).
+    """
     spaces = {}
     for name, file in AUTOFORMER_CONFIGS.items():
         spaces[name] = dataclasses.replace(load_space(CONFIG_DIR / "autoformer" / file), name=name)
+    for name in AUTOFORMER_CONFIGS:
+        spaces[f"{name}-timm"] = dataclasses.replace(spaces[name], name=f"{name}-timm", **TIMM_COMPUTE)
     for path in sorted((CONFIG_DIR / "spaces").glob("*.yaml")):
         spaces[path.stem] = load_space(path)
     return spaces
@@ -330,9 +389,10 @@ def _builtin_spaces() -> dict[str, SearchSpace]:
 
 def released_arch(space: SearchSpace) -> Arch:
     """The subnet AutoFormer released for one of its spaces (AutoFormer-T for autoformer-t, ...)."""
-    if space.name not in AUTOFORMER_CONFIGS:
+    family = space.name.removesuffix("-timm")
+    if family not in AUTOFORMER_CONFIGS:
         raise HwawareError(f"arch: space {space.name!r} has no released subnet (only {', '.join(AUTOFORMER_CONFIGS)})")
-    return load_arch(CONFIG_DIR / "autoformer" / AUTOFORMER_CONFIGS[space.name], space)
+    return load_arch(CONFIG_DIR / "autoformer" / AUTOFORMER_CONFIGS[family], space)
 
 
 def get_space(name_or_path: str | SearchSpace) -> SearchSpace:

@@ -7,8 +7,10 @@ Export ships `build_vit`; the latency table and the cost model time and count th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -16,28 +18,101 @@ from torch import nn
 
 from hwaware.space import Arch, SearchSpace
 
+# ---- AutoFormer's relative position encoding ------------------------------------------------
+
+
+def relative_position_index(grid_size: int, max_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoFormer's table rows for every (query, key) token pair, vertical and horizontal.
+
+    Row and column distance (key minus query) clipped to +-max_distance and shifted by max_distance + 1;
+    row 0 serves every pair that involves the class token (token 0).
+    """
+    position = torch.arange(grid_size * grid_size)
+
+    def index(coordinate: torch.Tensor) -> torch.Tensor:
+        distance = (coordinate[None, :] - coordinate[:, None]).clamp(-max_distance, max_distance)
+        return F.pad(distance + max_distance + 1, (1, 0, 1, 0))
+
+    return index(position // grid_size), index(position % grid_size)
+
+
+class RelativePosition2D(nn.Module):
+    """One learned vector per clipped vertical and per horizontal distance; a pair's vector is their sum.
+
+    Parameter names are AutoFormer's, so its checkpoints map by name. The index is a buffer rebuilt
+    from the space, never stored.
+    """
+
+    def __init__(self, head_dim: int, grid_size: int, max_distance: int):
+        super().__init__()
+        self.embeddings_table_v = nn.Parameter(torch.zeros(2 * max_distance + 2, head_dim))
+        self.embeddings_table_h = nn.Parameter(torch.zeros(2 * max_distance + 2, head_dim))
+        index_v, index_h = relative_position_index(grid_size, max_distance)
+        self.register_buffer("index_v", index_v, persistent=False)
+        self.register_buffer("index_h", index_h, persistent=False)
+        nn.init.trunc_normal_(self.embeddings_table_v, std=0.02)
+        nn.init.trunc_normal_(self.embeddings_table_h, std=0.02)
+
+    def forward(self) -> torch.Tensor:
+        """[tokens, tokens, head_dim]: the encoding of every (query, key) pair."""
+        return self.embeddings_table_v[self.index_v] + self.embeddings_table_h[self.index_h]
+
+
+def relative_position_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                rel_k: torch.Tensor, rel_v: torch.Tensor) -> torch.Tensor:
+    """AutoFormer's attention: (q.k + q.r_k) x scale, softmax, then A v + A r_v. q, k, v: [B, H, N, head_dim]."""
+    logits = (q @ k.transpose(-2, -1)) * scale + torch.einsum("bhid,ijd->bhij", q, rel_k) * scale
+    attn = logits.softmax(dim=-1)
+    return attn @ v + torch.einsum("bhij,ijd->bhid", attn, rel_v)
+
+
+class RelPosAttention(Attention):
+    """timm's `Attention` plus AutoFormer's relative position encoding of keys and values."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, grid_size: int, max_distance: int):
+        super().__init__(dim, num_heads=num_heads, attn_head_dim=head_dim, qkv_bias=True)
+        self.rel_pos_embed_k = RelativePosition2D(head_dim, grid_size, max_distance)
+        self.rel_pos_embed_v = RelativePosition2D(head_dim, grid_size, max_distance)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("RelPosAttention takes no attention mask")
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = relative_position_attention(q, k, v, self.scale, self.rel_pos_embed_k(), self.rel_pos_embed_v())
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
 
 def build_block(space: SearchSpace, embed_dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> Block:
-    """A timm `Block` with `num_heads` heads of the space's head dim (Q-K-V width = heads x head dim)."""
+    """A timm `Block` with `num_heads` heads of the space's head dim (Q-K-V width = heads x head dim),
+    the space's LayerNorm eps, and relative position encoding where the space has it."""
     # timm's Block asserts embed_dim % num_heads == 0 for its default attention, which AutoFormer's
     # spaces break (320 dims, 7 heads); build it with one head, then fit the real attention.
-    block = Block(dim=embed_dim, num_heads=1, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path)
-    block.attn = Attention(embed_dim, num_heads=num_heads, attn_head_dim=space.head_dim, qkv_bias=True)
+    block = Block(dim=embed_dim, num_heads=1, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path,
+                  norm_layer=partial(nn.LayerNorm, eps=space.norm_eps))
+    if space.relative_position:
+        block.attn = RelPosAttention(embed_dim, num_heads, space.head_dim, space.grid_size, space.max_relative_position)
+    else:
+        block.attn = Attention(embed_dim, num_heads=num_heads, attn_head_dim=space.head_dim, qkv_bias=True)
     assert isinstance(block.mlp, Mlp) and block.mlp.fc1.out_features == int(embed_dim * mlp_ratio)
     return block
 
 
 def _bare_vit(space: SearchSpace, embed_dim: int) -> VisionTransformer:
-    """Stem, final norm and head of a timm ViT, with no blocks yet."""
+    """Stem, final norm and head of a timm ViT, with no blocks yet. Average pooling keeps the final norm
+    before the pool (`fc_norm=False`), as AutoFormer normalises every token and then averages."""
     return VisionTransformer(
         img_size=space.img_size,
         patch_size=space.patch_size,
         in_chans=space.in_chans,
         num_classes=space.num_classes,
+        global_pool=space.global_pool,
+        fc_norm=False,
         embed_dim=embed_dim,
         depth=0,
         num_heads=1,
         qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=space.norm_eps),
         weight_init="skip",
     )
 
@@ -115,14 +190,19 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm, class-token pooling and classifier of a timm ViT: tokens -> logits."""
+    """Final norm, pooling (class token, or mean of the patch tokens) and classifier of a timm ViT: tokens -> logits."""
 
     def __init__(self, vit: VisionTransformer):
         super().__init__()
-        self.norm, self.head = vit.norm, vit.head
+        self.norm, self.head, self.global_pool = vit.norm, vit.head, vit.global_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x)[:, 0])
+        return self.head(pool_tokens(self.norm(x), self.global_pool))
+
+
+def pool_tokens(x: torch.Tensor, global_pool: str) -> torch.Tensor:
+    """The class token, or the mean of the patch tokens (token 0 is the class token)."""
+    return x[:, 0] if global_pool == "token" else x[:, 1:].mean(dim=1)
 
 
 def build_piece(space: SearchSpace, piece: Piece) -> nn.Module:

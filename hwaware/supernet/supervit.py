@@ -15,11 +15,13 @@ from hwaware.supernet.layers import (
     ElasticPatchEmbed,
     leading_slice,
 )
-from hwaware.vit import build_vit
+from hwaware.vit import build_vit, pool_tokens
 
 
 class SuperViT(nn.Module):
     """A ViT sized to the space's maxima; `forward(x, arch)` runs the subnet `arch` on leading slices.
+
+    It computes as the space says (relative position encoding, pooling, LayerNorm eps, qkv layout).
 
     Depth d uses the first d blocks. Switching Arch allocates nothing: slices are views.
     """
@@ -33,10 +35,13 @@ class SuperViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, space.num_tokens, D))
         n = space.max_depth
         self.drop_path_rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+        rel_pos = (space.grid_size, space.max_relative_position) if space.relative_position else None
         self.blocks = nn.ModuleList(
-            ElasticBlock(D, space.max_heads, space.head_dim, space.max_mlp_hidden, rate) for rate in self.drop_path_rates
+            ElasticBlock(D, space.max_heads, space.head_dim, space.max_mlp_hidden, rate, space.norm_eps,
+                         space.qkv_layout, rel_pos)
+            for rate in self.drop_path_rates
         )
-        self.norm = ElasticLayerNorm(D, eps=1e-6)
+        self.norm = ElasticLayerNorm(D, eps=space.norm_eps)
         self.head = ElasticLinear(D, space.num_classes)
         self.arch = space.largest()
         self._init_weights()
@@ -63,7 +68,7 @@ class SuperViT(nn.Module):
         x = torch.cat((cls, x), dim=1) + self.pos_embed[..., :d]
         for block, heads, hidden in zip(self.blocks, arch.num_heads, arch.mlp_hidden_dims()):
             x = block(x, heads, hidden)
-        return self.head(self.norm(x)[:, 0])
+        return self.head(pool_tokens(self.norm(x), self.space.global_pool))
 
     @torch.no_grad()
     def extract(self, arch: Arch | None = None) -> VisionTransformer:
