@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_path, atomic_write_text
+from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text
 
 FORMAT = "hwaware-supernet-v1"
 RUN_FILE = "run.json"
@@ -120,7 +120,7 @@ def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True)
         if difference:
             raise HwawareError(f"out: {out} holds another run ({difference}); choose another --out or run the same command")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise HwawareError(f"out: {out} is not empty and holds no hwaware run ({RUN_FILE} missing); choose a new folder")
     if write:
         atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")

@@ -1,16 +1,34 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of either) and JSON reads."""
+"""Files in and out: atomic writes (a reader sees the old file or the new one, never half of either)
+with the user's permissions, bounded reads that refuse FIFOs and devices, and a lock per output folder."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
+import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
+
+MAX_TEXT_BYTES = 16 << 20  # YAML, JSON and CSV inputs: far above any real one, far below a hang
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def as_user_file(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode the user's umask gives new ones, so a
+    table, checkpoint or export can be read by another user (a Triton container) as usual."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -25,6 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        as_user_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -41,12 +60,107 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
 
 
+def excerpt(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: error messages quote user input, never all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The text of a regular file of at most `max_bytes`; a FIFO, device, folder or huge file is refused
+    before reading (so `/dev/zero` or a pipe nobody writes to cannot hang or exhaust memory)."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise HwawareError(f"{what}: {path}: no such file") from None
+    except OSError as exc:
+        raise HwawareError(f"{what}: {path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise HwawareError(f"{what}: {path} is not a regular file")
+    if info.st_size > max_bytes:
+        raise HwawareError(f"{what}: {path} is {info.st_size / 2**20:.1f} MiB, over the {max_bytes >> 20} MiB limit")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        return data.decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HwawareError(f"{what}: {path}: cannot read ({exc})") from None
+
+
 def read_json(path: str | Path, if_missing: str) -> Any:
     """Parse a JSON file; a missing file raises `if_missing`, an unreadable one says so, both one line."""
     path = Path(path)
+    if not path.exists():
+        raise HwawareError(if_missing)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HwawareError(if_missing) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{path}: unreadable ({exc})") from None
+        return json.loads(read_text_file(path, "json"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise HwawareError(f"{path}: unreadable ({str(exc)[:120]})") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name} is not JSON")
+
+
+def dumps_strict(data: Any, **kwargs: Any) -> str:
+    """JSON that other tools can read: NaN and infinity are refused, not written."""
+    try:
+        return json.dumps(data, allow_nan=False, **kwargs)
+    except ValueError as exc:
+        raise HwawareError(f"json: refusing to write a non-finite number ({exc})") from None
+
+
+# ---- one process per output folder ------------------------------------------------------------
+
+LOCK_FILE = ".hwaware.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, command: str, name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold `folder/name` while `command` writes there: a second hwaware process gets one line naming
+    the first's pid; a lock left by a dead process (same host) is taken over. Taking it is also the
+    check that `folder` is writable, before any long work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HwawareError(f"out: {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / name
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "argv": sys.argv[1:4]}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            pid = holder.get("pid") if isinstance(holder, dict) else None
+            if isinstance(pid, int) and (holder.get("host") != me["host"] or _alive(pid)):
+                raise HwawareError(f"out: {folder} is in use by hwaware {holder.get('command', '?')} (pid {pid} on "
+                                   f"{holder.get('host')}); wait for it to finish or stop it") from None
+            lock.unlink(missing_ok=True)  # a dead process's lock (or a torn one): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise HwawareError(f"out: could not take the lock {lock}")
+    try:
+        yield lock
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass

@@ -7,8 +7,10 @@ so can a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text
+from hwaware.io import atomic_write_text, folder_lock
 from hwaware.space import Arch, resolve_arch
 
 
@@ -94,11 +96,10 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
         )
         search.check_feasible()  # an infeasible budget is refused before `out` is created
         out = Path(out)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
-        if rank == 0:
-            write_results(result, out)
+        with folder_lock(out, "search") if rank == 0 else contextlib.nullcontext():
+            result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
+            if rank == 0:
+                write_results(result, out)
         return result
     finally:
         if owned and dist.is_initialized():
@@ -138,8 +139,21 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     if latency is not None:
         card.update(predicted_latency_ms=latency.predict(arch), latency_table=str(latency.path),
                     latency_batch_size=latency.batch_size)
-    return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
-                        card_extra=card, sample_inputs=test_batches[0][0][:32])
+    with export_lock(out):
+        return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
+                            card_extra=card, sample_inputs=test_batches[0][0][:32])
+
+
+@contextlib.contextmanager
+def export_lock(out: str | Path):
+    """One writer per export folder (export, or bench updating its card). The lock lies beside the folder,
+    which export replaces whole; holding it, staging folders left by killed exports are cleared away."""
+    out = Path(out)
+    with folder_lock(out.parent, "export", f".{out.name}.hwaware.lock"):
+        for stale in out.parent.glob(f".{out.name}.*"):
+            if stale.is_dir() and stale.suffix in (".tmp", ".old"):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | None = None,
@@ -190,10 +204,12 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
         predicted = latency.predict(arch)
         result.update(predicted_ms=predicted, error=(predicted - measured) / measured, table=str(latency.path))
     if record:
-        fields = {"bench": {**card.get("bench", {}), f"{device}-{backend}-{precision}-b{batch_size}": result}}
-        if "predicted_ms" in result:
-            fields["measured_latency_ms"] = measured
-        update_card(export_dir, **fields)
+        with export_lock(export_dir):
+            card = read_card(export_dir)  # re-read under the lock: another bench may have added its entry
+            fields = {"bench": {**card.get("bench", {}), f"{device}-{backend}-{precision}-b{batch_size}": result}}
+            if "predicted_ms" in result:
+                fields["measured_latency_ms"] = measured
+            update_card(export_dir, **fields)
     return result
 
 
@@ -234,42 +250,43 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     def done(name: str):
         timings[name] = time.perf_counter() - timings[name]
 
-    stage("train")
-    train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
-    done("train")
+    with folder_lock(out, "pipeline"):  # one pipeline per folder; also checks it is writable
+        stage("train")
+        train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
+        done("train")
 
-    stage("profile")
-    tables = out / "latency_tables"
-    try:
-        table_path = find_table(device, space.name, root=tables)  # finished earlier: reuse it
-    except HwawareError:
-        table_path = profile_device(device, space, out=tables, progress=progress)  # resumes a partial one
-    table = LatencyTable.load(table_path)
-    done("profile")
+        stage("profile")
+        tables = out / "latency_tables"
+        try:
+            table_path = find_table(device, space.name, root=tables)  # finished earlier: reuse it
+        except HwawareError:
+            table_path = profile_device(device, space, out=tables, progress=progress)  # resumes a partial one
+        table = LatencyTable.load(table_path)
+        done("profile")
 
-    stage("search")
-    budget = latency_ms if latency_ms is not None else default_latency_budget(table, space)
-    search_dir = out / f"search-{budget:g}ms"  # one folder per budget: another --latency-ms is another search
-    checkpoint = out / "supernet" / "last.pt"
-    result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
-    target = result.targets[0]
-    arch = load_arch(search_dir / best_file(target), space)
-    done("search")
+        stage("search")
+        budget = latency_ms if latency_ms is not None else default_latency_budget(table, space)
+        search_dir = out / f"search-{budget:g}ms"  # one folder per budget: another --latency-ms is another search
+        checkpoint = out / "supernet" / "last.pt"
+        result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
+        target = result.targets[0]
+        arch = load_arch(search_dir / best_file(target), space)
+        done("search")
 
-    stage("export")
-    export_dir = out / f"digits-vit-{budget:g}ms"
-    if not (export_dir / CARD_FILE).is_file():
-        export_checkpoint(checkpoint, arch, export_dir, table=table_path)
-    done("export")
+        stage("export")
+        export_dir = out / f"digits-vit-{budget:g}ms"
+        if not (export_dir / CARD_FILE).is_file():
+            export_checkpoint(checkpoint, arch, export_dir, table=table_path)
+        done("export")
 
-    stage("bench")
-    bench = bench_export(export_dir, device, table=table_path)
-    done("bench")
+        stage("bench")
+        bench = bench_export(export_dir, device, table=table_path)
+        done("bench")
 
-    card = read_card(export_dir)
-    report = _report(card, bench, table, budget, timings, result, search_dir.relative_to(out) / "pareto.png")
-    atomic_write_text(out / "report.md", report)
-    log(f"report: {out / 'report.md'}")
+        card = read_card(export_dir)
+        report = _report(card, bench, table, budget, timings, result, search_dir.relative_to(out) / "pareto.png")
+        atomic_write_text(out / "report.md", report)
+        log(f"report: {out / 'report.md'}")
     return {"card": card, "bench": bench, "budget_ms": budget, "seconds": timings}
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import traceback
 import warnings
 
 from hwaware.errors import HwawareError
@@ -31,7 +33,12 @@ def command_modules() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hwaware import __version__
+
     parser = Parser(prog="hwaware", description="Hardware-aware search and deployment of Vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"hwaware {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (also HWAWARE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in command_modules():
         importlib.import_module(f"{__name__}.{name}").register(sub)
@@ -39,17 +46,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr: exit 2 for bad input and failed I/O,
+    1 for an unexpected error (its traceback with --debug or HWAWARE_DEBUG=1), 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    prefix = f"hwaware {args.command}"
     try:
         args.func(args)
+        sys.stdout.flush()
     except HwawareError as exc:
-        print(f"hwaware {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hwaware {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hwaware ... | head`: the reader left; nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prefix}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the last line of defence: one line, never a traceback unless asked
+        if args.debug or os.environ.get("HWAWARE_DEBUG"):
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"{prefix}: unexpected error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from hwaware.cli import fill_from_project
 from hwaware.errors import HwawareError
+from hwaware.io import folder_lock
 
 
 def _print_validation(label: str, v: dict) -> None:
@@ -47,9 +48,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
     else:
         from hwaware.latency.profile import profile_device
 
-        path = profile_device(args.device, args.space, backend=args.backend, precision=args.precision,
-                              batch=args.batch, out=args.out, seed=args.seed or 0, settings=settings,
-                              progress=not args.quiet, force=args.force)
+        with folder_lock(args.out, "profile"):
+            path = profile_device(args.device, args.space, backend=args.backend, precision=args.precision,
+                                  batch=args.batch, out=args.out, seed=args.seed or 0, settings=settings,
+                                  progress=not args.quiet, force=args.force)
     from hwaware.latency.table import LatencyTable
 
     table = LatencyTable.load(path)
@@ -69,9 +71,10 @@ def _recalibrate(args: argparse.Namespace) -> None:
     fill_from_project(args, "profile", {"out": "tables"})
     if args.out is None:
         raise HwawareError("--out is required with --recalibrate (the folder for the recalibrated table)")
-    path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
-                             holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
-                             seed=args.seed or 0, progress=not args.quiet, force=args.force)
+    with folder_lock(args.out, "profile --recalibrate"):
+        path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
+                                 holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
+                                 seed=args.seed or 0, progress=not args.quiet, force=args.force)
     table = LatencyTable.load(path)
     info = table.meta["recalibration"]
     print(f"wrote {path}: refitted on {table.meta['calibration']['fit_n']} subnets timed here in {info['seconds']:.0f} s")
