@@ -78,10 +78,14 @@ def read_autoformer_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_settings(args: dict[str, Any] | None, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The flags the checkpoint was trained with: from `args`, else the README's (RPE read off the tensors)."""
+    """The flags the checkpoint was trained with: from `args`, else the README's (RPE and its max distance
+    read off the tensors)."""
     if args is None:
-        return {**ARG_DEFAULTS, **README_FLAGS,
-                "relative_position": any(".rel_pos_embed_" in name for name in weights), "from": "README flags"}
+        tables = [t for name, t in weights.items() if name.endswith(".embeddings_table_v") and t.dim() == 2]
+        rpe = {"relative_position": bool(tables)}
+        if tables:  # a table has a row per clipped distance -m..m plus the class token's: 2m + 2
+            rpe["max_relative_position"] = max(tables[0].shape[0] // 2 - 1, 1)
+        return {**ARG_DEFAULTS, **README_FLAGS, **rpe, "from": "README flags"}
     settings = {"from": "args"}
     for name, default in ARG_DEFAULTS.items():
         value = args.get(name, default)

@@ -60,10 +60,17 @@ class RelativePosition2D(nn.Module):
 
 def relative_position_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                 rel_k: torch.Tensor, rel_v: torch.Tensor) -> torch.Tensor:
-    """AutoFormer's attention: (q.k + q.r_k) x scale, softmax, then A v + A r_v. q, k, v: [B, H, N, head_dim]."""
-    logits = (q @ k.transpose(-2, -1)) * scale + torch.einsum("bhid,ijd->bhij", q, rel_k) * scale
+    """AutoFormer's attention: (q.k + q.r_k) x scale, softmax, then A v + A r_v. q, k, v: [B, H, N, head_dim].
+
+    The encoding terms are batched over the query token (plain MatMuls, which every ONNX runtime and
+    TensorRT take; no Einsum), in the order AutoFormer's code sums them.
+    """
+    B, H, N, d = q.shape
+    by_query = q.permute(2, 0, 1, 3).reshape(N, B * H, d) @ rel_k.transpose(1, 2)
+    logits = (q @ k.transpose(-2, -1)) * scale + by_query.transpose(0, 1).reshape(B, H, N, N) * scale
     attn = logits.softmax(dim=-1)
-    return attn @ v + torch.einsum("bhij,ijd->bhid", attn, rel_v)
+    by_query = attn.permute(2, 0, 1, 3).reshape(N, B * H, N) @ rel_v
+    return attn @ v + by_query.transpose(0, 1).reshape(B, H, N, d)
 
 
 class RelPosAttention(Attention):
