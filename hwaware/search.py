@@ -27,7 +27,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ BUDGET_KINDS: dict[str, tuple[str, bool, str]] = {
     "min_params_m": ("params_m", True, "M params"),
 }
 STATE_FILE = "search_state.json"
+ENUMERATE_UP_TO = 100_000  # subnets: below this a window's feasibility is decided by enumeration
 _STATE_FORMAT = "hwaware-search-state/1"
 
 
@@ -188,13 +189,31 @@ def standard_costs(space: SearchSpace, latency_ms: Callable[[Arch], float] | Non
     return costs
 
 
+def all_subnets(space: SearchSpace) -> Iterator[Arch]:
+    """Every subnet the space's choices make (`space.num_subnets()` of them)."""
+    layers = list(itertools.product(space.num_heads, space.mlp_ratios))
+    for embed_dim in space.embed_dims:
+        for depth in space.depths:
+            for combo in itertools.product(layers, repeat=depth):
+                yield Arch(embed_dim, tuple(h for h, _ in combo), tuple(r for _, r in combo))
+
+
 def file_fingerprint(**paths: str | Path | None) -> dict[str, Any]:
-    """Path, size and modification time of each file scores or costs come from: a `fingerprint` for the search."""
+    """SHA-256 of each file scores or costs come from: a `fingerprint` for the search's resume state.
+
+    By content, not path or time: a copied run folder or a touched checkpoint resumes; a retrained
+    checkpoint or a re-measured table does not reuse cached scores.
+    """
+    import hashlib
+
     fingerprint = {}
     for key, path in paths.items():
         if path is not None:
-            stat = Path(path).stat()
-            fingerprint[key] = {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            fingerprint[key] = {"sha256": digest.hexdigest()}
     return fingerprint
 
 
@@ -354,12 +373,57 @@ class EvolutionSearch:
                     )
             fitting = [a for a in probes if target.fits(self.arch_costs(a))]
             if not fitting:
-                raise HwawareError(
-                    f"search: no subnet of space {self.space.name} meets {target.label} "
-                    f"(none of {len(probes)} probed, the smallest and largest included)"
-                )
+                fitting = self._find_in_window(target, probes)
             witnesses[target.label] = fitting
         return witnesses
+
+    def _find_in_window(self, target: Constraints, probes: list[Arch]) -> list[Arch]:
+        """Fitting Archs for a target whose bounds are each reachable but not together (a window such as
+        --min-params-m 0.059 --params-m 0.06): every subnet where the space is small enough to enumerate
+        (exact), else a descent from the nearest probes; refused in one line when none is found."""
+        count = self.space.num_subnets()
+        if count <= ENUMERATE_UP_TO:
+            fitting = [a for a in all_subnets(self.space) if target.fits(self.arch_costs(a))]
+            if fitting:
+                return fitting
+            raise HwawareError(f"search: no subnet of space {self.space.name} meets {target.label} "
+                               f"(all {count:,} enumerated)")
+        found = self._descend_into(target, sorted(probes, key=lambda a: self._violation(target, a))[:8])
+        if found is None:
+            raise HwawareError(
+                f"search: found no subnet of space {self.space.name} meeting {target.label} among {len(probes)} "
+                f"probes and a descent from the nearest; the space ({count:.3g} subnets) is too large to "
+                "enumerate, so one may exist: widen the window")
+        return [found]
+
+    def _violation(self, target: Constraints, arch: Arch) -> float:
+        """How far `arch` is outside `target`'s budgets, relative to each limit (0 when it fits)."""
+        costs = self.arch_costs(arch)
+        return sum(max(0.0, (b.limit - costs[b.metric]) if b.lower else (costs[b.metric] - b.limit)) / b.limit
+                   for b in target.budgets)
+
+    def _descend_into(self, target: Constraints, starts: list[Arch], max_steps: int = 200) -> Arch | None:
+        """A fitting Arch reached by greedy single changes (a layer's heads or ratio, depth, embed dim) that
+        shrink the violation; for a window of lower and upper bounds, which the per-budget extremes
+        above cannot prove empty or not. None if every start gets stuck outside."""
+        space = self.space
+        for arch in starts:
+            for _ in range(max_steps):
+                if target.fits(self.arch_costs(arch)):
+                    return arch
+                moves = [Arch(d, arch.num_heads, arch.mlp_ratios) for d in space.embed_dims]
+                for depth in space.depths:
+                    extra = depth - arch.depth
+                    moves.append(Arch(arch.embed_dim, (arch.num_heads + arch.num_heads[-1:] * extra)[:depth],
+                                      (arch.mlp_ratios + arch.mlp_ratios[-1:] * extra)[:depth]))
+                for i, (h, r) in itertools.product(range(arch.depth), itertools.product(space.num_heads, space.mlp_ratios)):
+                    moves.append(Arch(arch.embed_dim, arch.num_heads[:i] + (h,) + arch.num_heads[i + 1:],
+                                      arch.mlp_ratios[:i] + (r,) + arch.mlp_ratios[i + 1:]))
+                best = min(moves, key=lambda a: self._violation(target, a))
+                if self._violation(target, best) >= self._violation(target, arch):
+                    break
+                arch = best
+        return None
 
     def _layerwise_extremes(self, metric: str, highest: bool) -> list[Arch]:
         """Per embed dim and depth, the Arch whose every layer takes the (heads, ratio) that minimises `metric`
@@ -505,8 +569,10 @@ class EvolutionSearch:
         atomic_write_text(path, json.dumps(state))
 
     def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run]]:
+        from hwaware.io import read_text_file
+
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(read_text_file(path, "search state"), parse_constant=_no_constant)
             if state.get("format") != _STATE_FORMAT:
                 raise ValueError(f"format is {state.get('format')!r}, expected {_STATE_FORMAT!r}")
             saved = state["config"]
@@ -516,20 +582,37 @@ class EvolutionSearch:
                     f"{path}: written by a different search (differs in {', '.join(differs)}); "
                     f"use another output folder or delete it"
                 )
+            labels = {t.label for t in self.targets}
             evaluations = {}
             for item in state["evaluations"]:
-                arch = Arch.from_dict(item["arch"], source=str(path))
-                evaluations[arch] = Evaluation(arch, float(item["top1"]), int(item["generation"]), str(item["target"]))
+                arch = self.space.validate(Arch.from_dict(item["arch"], source=str(path)))
+                top1, generation = _number(item["top1"], 0.0, 1.0), int(_number(item["generation"], 0, self.generations))
+                if item["target"] not in labels:
+                    raise ValueError(f"evaluation for unknown target {str(item['target'])[:40]!r}")
+                evaluations[arch] = Evaluation(arch, top1, generation, item["target"])
             archs = list(evaluations)
-            runs = {
-                label: _Run(int(r["generation"]), [archs[i] for i in r["visited"]], _rng_from_json(r["rng"]))
-                for label, r in state["runs"].items()
-            }
+            runs = {}
+            for label, r in state["runs"].items():
+                if label not in labels:
+                    raise ValueError(f"run for unknown target {str(label)[:40]!r}")
+                visited = [archs[int(_number(i, 0, len(archs) - 1))] for i in r["visited"]]
+                runs[label] = _Run(int(_number(r["generation"], 0, self.generations)), visited, _rng_from_json(r["rng"]))
         except HwawareError:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise HwawareError(f"{path}: not a readable search checkpoint ({exc})") from None
         return evaluations, runs
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _number(value: Any, low: float, high: float) -> float:
+    """`value` if it is a finite number in low..high (an edited or corrupted state is refused, not trusted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{str(value)[:20]} is not a number in {low:g}..{high:g}")
+    return value
 
 
 def _rng_to_json(rng: random.Random) -> list:

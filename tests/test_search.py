@@ -368,3 +368,43 @@ def test_a_failure_while_rendering_writes_nothing(tmp_path, costs, monkeypatch):
     with pytest.raises(RuntimeError):
         write_results(result, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_narrow_window_of_lower_and_upper_bounds_is_decided_by_enumeration(costs):
+    """--min-params-m 0.059 --params-m 0.06: no probe lands inside, two of digits' 22,113 subnets do."""
+    target = Constraints.of(Budget("params_m", 0.06), Budget("min_params_m", 0.059))
+    witnesses = make_search(costs, [target]).check_feasible()[target.label]
+    assert sorted(a.short() for a in witnesses) == ["d48-L2-h44-r3/4", "d48-L2-h44-r4/3"]
+    assert all(0.059 <= costs["params_m"](a) <= 0.06 for a in witnesses)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["evaluations"][0].update(top1=7.5), "7.5 is not a number in 0..1"),
+    (lambda s: s["evaluations"][0].update(generation=-5), "-5 is not a number"),
+    (lambda s: s["runs"][next(iter(s["runs"]))]["visited"].append(-1), "-1 is not a number"),
+    (lambda s: s["runs"][next(iter(s["runs"]))].update(generation=-5), "-5 is not a number"),
+])
+def test_an_edited_search_state_is_refused_not_trusted(tmp_path, costs, edit, message):
+    state = tmp_path / STATE_FILE
+    make_search(costs, [Budget("latency_ms", 1)], generations=2).run(checkpoint=state)
+    data = json.loads(state.read_text())
+    edit(data)
+    state.write_text(json.dumps(data))
+    with pytest.raises(HwawareError, match=f"not a readable search checkpoint .*{message}"):
+        make_search(costs, [Budget("latency_ms", 1)], generations=2).run(checkpoint=state)
+    state.write_text(state.read_text().replace('"top1": 0.', '"top1": NaN, "x": 0.', 1))
+    with pytest.raises(HwawareError, match="NaN is not a number"):
+        make_search(costs, [Budget("latency_ms", 1)], generations=2).run(checkpoint=state)
+
+
+def test_fingerprint_is_by_content_so_a_touched_or_copied_checkpoint_resumes(tmp_path):
+    weights = tmp_path / "last.pt"
+    weights.write_bytes(b"weights")
+    before = file_fingerprint(checkpoint=weights)
+    copy = tmp_path / "copy" / "last.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(weights.read_bytes())
+    weights.touch()
+    assert file_fingerprint(checkpoint=weights) == before == file_fingerprint(checkpoint=copy)
+    weights.write_bytes(b"retrained")
+    assert file_fingerprint(checkpoint=weights) != before
