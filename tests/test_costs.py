@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -6,7 +7,7 @@ import torch
 
 from hwaware.cli import main
 from hwaware.costs import arch_cost, count_flops
-from hwaware.space import BUILTIN_SPACES, CONFIG_DIR, Arch, load_arch
+from hwaware.space import BUILTIN_SPACES, CONFIG_DIR, Arch, released_arch
 from hwaware.vit import build_vit
 
 AUTOFORMER = CONFIG_DIR / "autoformer"  # AutoFormer's released configs, shipped as they are
@@ -39,17 +40,37 @@ def test_attention_matmuls_are_counted():
     assert block == linears + attention + layer_norms
 
 
-@pytest.mark.parametrize("letter, params_m, gflops", [("T", 5.77, 1.29), ("S", 22.79, 4.78), ("B", 53.58, 11.06)])
-def test_autoformer_released_models(letter, params_m, gflops):
-    space = BUILTIN_SPACES[f"autoformer-{letter.lower()}"]
-    cost = arch_cost(load_arch(AUTOFORMER / f"AutoFormer-{letter}.yaml", space), space)
+# AutoFormer's spaces compute with relative position encoding (4 tables of 30 x 64 per layer, 99,840 params
+# for T's 13 layers: 5,867,944 is what the official code counts for the released T; its 40 heads add
+# 40 x 2 x 197^2 x 64 = 198,702,080 multiply-adds); the -timm variants compute without.
+@pytest.mark.parametrize("name, params_m, gflops", [
+    ("autoformer-t", 5.87, 1.49), ("autoformer-s", 22.89, 5.17), ("autoformer-b", 53.69, 11.71),
+    ("autoformer-t-timm", 5.77, 1.29), ("autoformer-s-timm", 22.79, 4.78), ("autoformer-b-timm", 53.58, 11.06),
+])
+def test_autoformer_released_models(name, params_m, gflops):
+    space = BUILTIN_SPACES[name]
+    cost = arch_cost(released_arch(space), space)
     assert round(cost.params / 1e6, 2) == params_m
     assert round(cost.flops / 1e9, 2) == gflops
+
+
+def test_relative_position_terms_are_counted():
+    """Hand count: an RPE block adds q . r_k and A r_v (one multiply-add per element each) and 4 tables."""
+    plain = BUILTIN_SPACES["digits"]
+    rpe = dataclasses.replace(plain, relative_position=True, max_relative_position=3)
+    d, h, r, n, hd = 32, 2, 2.0, plain.num_tokens, plain.head_dim
+    one, two = Arch(d, (h,), (r,)), Arch(d, (h, h), (r, r))
+    extra = [arch_cost(two, s).flops - arch_cost(one, s).flops for s in (plain, rpe)]
+    assert extra[1] - extra[0] == 2 * h * n * n * hd
+    assert arch_cost(one, rpe).params - arch_cost(one, plain).params == 4 * (2 * 3 + 2) * hd
 
 
 def test_cost_cli_json(capsys):
     assert main(["cost", "--space", "autoformer-t", "--arch", str(AUTOFORMER / "AutoFormer-T.yaml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["params"] == 5768104 and out["flops"] == 1288342592
+    assert out["params"] == 5867944 and out["flops"] == 1487044672
     assert sum(p["flops"] for p in out["breakdown"].values()) == out["flops"]
     assert set(out["breakdown"]) == {"stem", "head", *(f"blocks.{i}" for i in range(13))}
+    assert main(["cost", "--space", "autoformer-t-timm", "--arch", "released", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 5768104 and out["flops"] == 1288342592

@@ -133,3 +133,34 @@ def test_middle_lies_between_extremes(seed):
         small, mid, large = space.smallest(), space.middle(), space.largest()
         assert small.embed_dim <= mid.embed_dim <= large.embed_dim
         assert small.depth <= mid.depth <= large.depth
+
+
+def test_compute_settings_round_trip_and_old_dicts_keep_the_timm_computation(tmp_path):
+    """Dicts written before spaces said how they compute (old checkpoints, table sidecars) still load as before,
+    and a space that computes as before writes exactly the old dict."""
+    timm, autoformer = BUILTIN_SPACES["autoformer-t-timm"], BUILTIN_SPACES["autoformer-t"]
+    old = timm.to_dict()
+    assert not {"relative_position", "global_pool", "norm_eps", "qkv_layout"} & set(old)
+    assert SearchSpace.from_dict(old).compute_settings() == timm.compute_settings()
+    assert BUILTIN_SPACES["digits"].to_dict() == yaml.safe_load(BUILTIN_SPACES["digits"].to_yaml())
+    path = tmp_path / "t.yaml"
+    path.write_text(autoformer.to_yaml())
+    assert load_space(path) == autoformer
+    assert autoformer.compute_settings() == {"relative_position": True, "max_relative_position": 14,
+                                             "global_pool": "avg", "norm_eps": 1e-5, "qkv_layout": "autoformer"}
+    # AutoFormer's own files describe AutoFormer's supernet, computed its way
+    assert load_space(AUTOFORMER / "AutoFormer-S.yaml").compute_settings() == autoformer.compute_settings()
+    assert BUILTIN_SPACES["autoformer-b-timm"].largest() == BUILTIN_SPACES["autoformer-b"].largest()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("global_pool", "max", "global_pool must be one of token, avg"),
+    ("qkv_layout", "fused", "qkv_layout must be one of timm, autoformer"),
+    ("norm_eps", 0, "norm_eps must be a number in"),
+    ("relative_position", "yes", "relative_position must be true or false"),
+    ("max_relative_position", 0, "max_relative_position must be a positive integer"),
+])
+def test_bad_compute_settings_are_named(field, value, message):
+    data = {**BUILTIN_SPACES["digits"].to_dict(), field: value}
+    with pytest.raises(HwawareError, match=message):
+        SearchSpace.from_dict(data)

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import pytest
@@ -7,9 +8,10 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import VisionTransformer
 
 from hwaware.errors import HwawareError
-from hwaware.space import BUILTIN_SPACES, Arch
+from hwaware.space import AUTOFORMER_COMPUTE, BUILTIN_SPACES, Arch
 from hwaware.supernet import SuperViT
-from hwaware.vit import build_piece, pieces
+from hwaware.supernet.layers import ElasticAttention
+from hwaware.vit import RelPosAttention, build_piece, pieces, relative_position_index
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,52 @@ def test_set_arch_validates():
     net = SuperViT(BUILTIN_SPACES["digits"])
     with pytest.raises(HwawareError, match="embed_dim"):
         net.set_arch(Arch(128, (1,), (2.0,)))
+
+
+# ---- AutoFormer's settings: relative position encoding, average pooling, eps, qkv layout --------------------
+
+RPE_SPACE = dataclasses.replace(BUILTIN_SPACES["digits"], name="digits-autoformer",
+                                **{**AUTOFORMER_COMPUTE, "max_relative_position": 2})
+
+
+@torch.no_grad()
+def test_autoformer_settings_extract_exactly_and_chain_as_pieces():
+    torch.manual_seed(1)
+    supernet = SuperViT(RPE_SPACE).eval()
+    for p in supernet.parameters():  # random biases and norms too, so every slice matters
+        p.normal_(0, 0.2)
+    for seed in range(4):
+        arch = RPE_SPACE.sample(random.Random(seed))
+        static = supernet.extract(arch).eval()
+        assert all(isinstance(b.attn, RelPosAttention) for b in static.blocks)
+        assert static.global_pool == "avg" and static.norm.eps == 1e-5
+        x = _image(RPE_SPACE, seed=seed)
+        assert (supernet(x, arch) - static(x)).abs().max().item() <= 1e-5
+        y = x
+        for piece, module in zip(pieces(arch), _piece_modules(RPE_SPACE, arch, static)):
+            built = build_piece(RPE_SPACE, piece)
+            built.load_state_dict(module.state_dict())
+            y = built.eval()(y)
+        assert (y - static(x)).abs().max().item() <= 1e-5
+    assert "blocks.0.attn.rel_pos_embed_v.embeddings_table_h" in static.state_dict()
+
+
+def test_autoformer_qkv_layout_slices_as_autoformer_does():
+    """Weight rows interleaved (q, k, v of row j at 3j, 3j+1, 3j+2); bias the contiguous prefix b[:3A]."""
+    attn = ElasticAttention(max_dim=3, max_heads=2, head_dim=2, qkv_layout="autoformer")
+    rows = torch.arange(12.0)
+    weight = rows[:, None].expand(12, 3).contiguous()
+    assert attn.qkv_slice(weight, 2, 3)[:, 0].tolist() == [0, 3, 1, 4, 2, 5]
+    assert attn.qkv_slice(rows, 2).tolist() == [0, 1, 2, 3, 4, 5]
+    timm = ElasticAttention(max_dim=3, max_heads=2, head_dim=2)
+    assert timm.qkv_slice(rows, 2).tolist() == [0, 1, 4, 5, 8, 9]
+
+
+def test_relative_position_index_clips_and_reserves_row_zero_for_the_class_token():
+    index_v, index_h = relative_position_index(grid_size=4, max_distance=2)
+    assert index_v.shape == (17, 17)
+    assert index_v[0].eq(0).all() and index_v[:, 0].eq(0).all() and index_h[0].eq(0).all()
+    # patch 0 at (0, 0), patch 15 at (3, 3): distance +3 clipped to +2, shifted by 3
+    assert (index_v[1, 16].item(), index_h[1, 16].item()) == (5, 5)
+    assert (index_v[16, 1].item(), index_h[16, 1].item()) == (1, 1)
+    assert (index_v[6, 6].item(), index_h[6, 7].item()) == (3, 4)
