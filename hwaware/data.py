@@ -1,6 +1,6 @@
-"""Datasets and loaders: the embedded `digits`, ImageFolder, local CIFAR and `synthetic`.
+"""Datasets and loaders: the embedded `digits`, the offline `animals`, ImageFolder, local CIFAR and `synthetic`.
 
-A dataset spec is one string (`digits`, `synthetic`, `imagefolder:PATH`, `cifar10:PATH`,
+A dataset spec is one string (`digits`, `animals`, `synthetic`, `imagefolder:PATH`, `cifar10:PATH`,
 `cifar100:PATH`) so a checkpoint can record where its supernet learned. Training loaders are
 made for exact resume: the order of an epoch is a seeded permutation that can start at any
 batch, and each item is augmented under a seed drawn from (seed, epoch, index), so a run
@@ -9,12 +9,18 @@ restarted mid-epoch sees the very same pixels, with or without worker processes.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib.util
+import io
+import pickle
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hwaware.errors import HwawareError
@@ -28,6 +34,18 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_FRACTIONS = (0.70, 0.15, 0.15)
 SYNTHETIC_SIZES = {"train": 1024, "val": 256, "test": 256}
 CIFAR_VAL_PER_CLASS = {10: 500, 100: 50}  # held out of CIFAR's train set, stratified
+# animals: Animal-MNIST 0.4 (PyPI `animal-mnist`, MIT), 10,000 28x28 silhouettes in 10 balanced classes, of which
+# 284 occur twice (same pixels, same label): the second copies are dropped so no val/test image is also in train.
+# The 9,716 left are split 60 / 20 / 20, so val and test hold ~1,943 images each (one image = 0.05 points): a search
+# picks the best of hundreds of subnets on val, and a smaller val let that choice's val-minus-test gap reach ~3
+# points on digits.
+ANIMALS_PACKAGE = "animal_mnist"
+ANIMALS_FILES = {  # file in the wheel's animal_mnist/data/Animal_MNIST/ -> its SHA-256
+    "images": ("animal_data_version_3.gz", "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce"),
+    "labels": ("animal_label_version_3.gz", "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57"),
+}
+ANIMALS_FRACTIONS = (0.60, 0.20, 0.20)
+ANIMALS_SHIFT = 2  # training jitter: random translation by up to this many pixels (zero padded), plus a mirror
 
 
 def mix_seed(*parts: int) -> int:
@@ -71,6 +89,102 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return (self.raw[i] - self.mean) / self.std, int(self.targets[i])
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Admit only what a pickled plain numpy array is made of; any other global is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refuses {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_array_pickle(path: Path, sha256: str) -> np.ndarray:
+    """A gzip'd pickle of one numeric numpy array, after checking the file's SHA-256; HwawareError otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise HwawareError(f"data: cannot read {path} ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != sha256:
+        raise HwawareError(f"data: {path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; reinstall it")
+    try:
+        array = _ArraysOnly(io.BytesIO(gzip.decompress(raw))).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
+        raise HwawareError(f"data: {path} is not a pickled numpy array ({str(exc)[:120]})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise HwawareError(f"data: {path} holds {type(array).__name__} "
+                           f"{getattr(array, 'dtype', '')}, not a numeric numpy array")
+    return array
+
+
+def animals_dir() -> Path:
+    """Where the installed `animal-mnist` wheel keeps its arrays (found without importing it: it imports tensorflow)."""
+    spec = importlib.util.find_spec(ANIMALS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HwawareError("data: animals needs the animal-mnist package; run bash scripts/setup.sh "
+                           "(it installs animal-mnist==0.4 without its dependencies)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
+
+
+def load_animals(folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All 10,000 images (uint8, N x 28 x 28) and labels (0..9), checked for shape and range."""
+    folder = animals_dir() if folder is None else folder
+    images = read_array_pickle(folder / ANIMALS_FILES["images"][0], ANIMALS_FILES["images"][1])
+    labels = read_array_pickle(folder / ANIMALS_FILES["labels"][0], ANIMALS_FILES["labels"][1])
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (len(images),):
+        raise HwawareError(f"data: animals arrays have shapes {images.shape} and {labels.shape}, "
+                           "expected N x 28 x 28 and N")
+    if labels.min() < 0 or labels.max() > 9:
+        raise HwawareError("data: animals labels are outside 0..9")
+    return images, labels.astype(np.int64)
+
+
+class AnimalsDataset(Dataset):
+    """Animal-MNIST without its duplicate images, as normalised 1x28x28 tensors, on a fixed stratified 60 / 20 / 20 split.
+
+    Training items (with `augment`) are mirrored half the time and shifted by up to
+    `ANIMALS_SHIFT` pixels: a silhouette keeps its class under both, and 6,000 images are
+    otherwise memorised by the larger subnets within a few epochs.
+    """
+
+    def __init__(self, split: str, augment: bool = False, folder: Path | None = None):
+        from sklearn.model_selection import train_test_split
+
+        images, labels = load_animals(folder)
+        _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+        index = np.sort(first)
+        train_frac, val_frac, test_frac = ANIMALS_FRACTIONS
+        train_idx, rest = train_test_split(index, train_size=train_frac, stratify=labels[index], random_state=DIGITS_SPLIT_SEED)
+        val_idx, test_idx = train_test_split(
+            rest, test_size=test_frac / (val_frac + test_frac), stratify=labels[rest], random_state=DIGITS_SPLIT_SEED
+        )
+        chosen = np.sort({"train": train_idx, "val": val_idx, "test": test_idx}[split])  # indices into all 10,000
+        train_pixels = images[train_idx].astype(np.float32)
+        mean, std = float(train_pixels.mean()), float(train_pixels.std())
+        self.images = (torch.from_numpy(images[chosen].astype(np.float32)).unsqueeze(1) - mean) / std
+        self.targets = torch.from_numpy(labels[chosen])
+        self.augment = augment and split == "train"
+        self.background = -mean / std  # a blank pixel after normalisation, for the shift's padding
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        if self.augment:
+            shift = ANIMALS_SHIFT
+            flip, dy, dx = torch.randint(2, (1,)).item(), *torch.randint(-shift, shift + 1, (2,)).tolist()
+            if flip:
+                image = image.flip(-1)
+            padded = F.pad(image, (shift, shift, shift, shift), value=self.background)
+            size = image.shape[-1]
+            image = padded[:, shift + dy : shift + dy + size, shift + dx : shift + dx + size]
+        return image, int(self.targets[i])
 
 
 class SyntheticDataset(Dataset):
@@ -167,7 +281,8 @@ def build_dataset(
     """The dataset `spec` for `split` (train / val / test), shaped for `space`; HwawareError if it cannot fit.
 
     `augment` turns on the training transforms of image folders and CIFAR (timm RandAugment
-    `auto_augment`, random erasing `reprob`); digits has none (see `DigitsDataset`).
+    `auto_augment`, random erasing `reprob`) and of animals (mirror and shift, see `AnimalsDataset`);
+    digits has none (see `DigitsDataset`).
     """
     if split not in SPLITS:
         raise HwawareError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
@@ -175,6 +290,9 @@ def build_dataset(
     if kind == "digits" and not arg:
         _check_fit(spec, space, 10, 1, 8)
         return DigitsDataset(split)
+    if kind == "animals" and not arg:
+        _check_fit(spec, space, 10, 1, 28)
+        return AnimalsDataset(split, augment=augment)
     if kind == "synthetic" and not arg:
         return SyntheticDataset(space, split)
     if kind in ("imagefolder", "cifar10", "cifar100"):
@@ -190,7 +308,7 @@ def build_dataset(
             dataset = _cifar(root, int(kind.removeprefix("cifar")), space, split, augment, auto_augment, reprob)
         _check_fit(spec, space, len(dataset.classes), None, None)
         return dataset
-    raise HwawareError(f"data: unknown spec {spec!r}; use digits, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    raise HwawareError(f"data: unknown spec {spec!r}; use digits, animals, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
 
 
 # ---- loaders --------------------------------------------------------------------------------

@@ -11,3 +11,9 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null && [ -n "$TORCH
   .venv/bin/pip install --quiet $TORCH_SPEC
 fi
 .venv/bin/pip install --quiet -e ".[dev]"
+# Animal-MNIST for `--data animals`: a data-only wheel, pinned by hash. It declares tensorflow, which hwaware never
+# imports (it reads the arrays, checked by SHA-256), so it is installed without dependencies.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('animal_mnist') is None)"; then
+  .venv/bin/pip install --quiet --no-deps --require-hashes \
+    -r <(echo "animal-mnist==0.4 --hash=sha256:aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce")
+fi

@@ -146,3 +146,85 @@ def test_loader_started_mid_epoch_sees_the_same_augmented_batches(workers):
 def test_eval_loader_keeps_every_item():
     loader = build_loader("digits", DIGITS, "val", 64)
     assert sum(len(y) for _, y in loader) == len(build_dataset("digits", DIGITS, "val"))
+
+
+# ---- animals: Animal-MNIST from its installed wheel -----------------------------------------------
+
+ANIMALS = get_space("animals")
+
+
+def test_animals_split_is_fixed_stratified_disjoint_and_fine_grained():
+    splits = {s: build_dataset("animals", ANIMALS, s) for s in ("train", "val", "test")}
+    assert {s: len(d) for s, d in splits.items()} == {"train": 5829, "val": 1943, "test": 1944}  # 9,716 distinct
+    for split, dataset in splits.items():
+        counts = np.bincount(dataset.targets.numpy(), minlength=10)
+        assert counts.min() >= 0.08 * len(dataset) and counts.max() <= 0.104 * len(dataset), split
+    assert 100 / len(splits["val"]) <= 0.1 and 100 / len(splits["test"]) <= 0.1  # one image: at most 0.1 point
+    pixels = {s: {x.numpy().tobytes() for x in d.images} for s, d in splits.items()}
+    assert sum(map(len, pixels.values())) == 9716  # the wheel's 284 repeated images are kept once, in one split
+    assert torch.equal(build_dataset("animals", ANIMALS, "val").images, splits["val"].images)
+    x = splits["train"].images
+    assert x.shape == (5829, 1, 28, 28) and abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_animals_augments_train_only_and_repeatably():
+    train = build_dataset("animals", ANIMALS, "train", augment=True)
+    seeded = list(build_loader(train, ANIMALS, "train", 32, shuffle=True, seed=3))[0][0]
+    again = list(build_loader(train, ANIMALS, "train", 32, shuffle=True, seed=3))[0][0]
+    plain = list(build_loader(build_dataset("animals", ANIMALS, "train"), ANIMALS, "train", 32, shuffle=True, seed=3))[0][0]
+    assert torch.equal(seeded, again) and not torch.equal(seeded, plain) and seeded.shape == plain.shape
+    val = build_dataset("animals", ANIMALS, "val", augment=True)
+    assert torch.equal(val[0][0], val.images[0])
+
+
+def _write_pickle(path, obj) -> str:
+    import gzip
+    import hashlib
+    import pickle
+
+    path.write_bytes(gzip.compress(pickle.dumps(obj)))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled a global",))
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({"images": np.zeros(3)}, "not a numeric numpy array"),
+    (np.array(["a", "b"], dtype=object), "refuses|not a numeric"),
+    (_Payload(), "refuses builtins.print"),
+    (b"not a pickle", "not a numeric"),
+])
+def test_array_pickle_admits_only_numeric_arrays(tmp_path, obj, match, capsys):
+    from hwaware.data import read_array_pickle
+
+    path = tmp_path / "x.gz"
+    sha = _write_pickle(path, obj)
+    with pytest.raises(HwawareError, match=match):
+        read_array_pickle(path, sha)
+    assert "unpickled" not in capsys.readouterr().out
+    good = tmp_path / "good.gz"
+    assert read_array_pickle(good, _write_pickle(good, np.arange(6, dtype=np.uint8))).tolist() == list(range(6))
+
+
+def test_animals_file_with_another_checksum_is_refused(tmp_path):
+    import shutil
+
+    from hwaware.data import ANIMALS_FILES, animals_dir, load_animals
+
+    for name, _ in ANIMALS_FILES.values():
+        shutil.copy(animals_dir() / name, tmp_path / name)
+    images = tmp_path / ANIMALS_FILES["images"][0]
+    raw = images.read_bytes()
+    images.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(HwawareError, match="SHA-256 .* expected 68a30346"):
+        load_animals(tmp_path)
+    with pytest.raises(HwawareError, match="cannot read"):
+        load_animals(tmp_path / "missing")
+
+
+def test_animals_needs_its_space_shape():
+    with pytest.raises(HwawareError, match="img_size"):
+        build_dataset("animals", DIGITS, "val")
