@@ -20,7 +20,7 @@ from hwaware.errors import HwawareError
 from hwaware.space import Arch, SearchSpace
 from hwaware.supernet import SuperViT
 
-__all__ = ["evaluate", "load_supernet", "evaluate_checkpoint"]
+__all__ = ["evaluate", "load_supernet", "evaluate_checkpoint", "checkpoint_arch"]
 
 
 @torch.no_grad()
@@ -62,16 +62,12 @@ def evaluate(model: nn.Module, arch: Arch, loader, device: str | torch.device = 
     return result
 
 
-
-
-
-
-
 def load_supernet(checkpoint_path: str | Path, space: SearchSpace | None = None,
                   use_ema: bool = True) -> tuple[SuperViT, dict[str, Any]]:
     """The trained supernet (EMA weights when the run kept them) in eval mode on CPU, and the run's metadata.
 
-    The metadata holds "space" (SearchSpace dict), "data" (spec), "config", "epoch", "step",
+    The metadata holds "space" (SearchSpace dict), "data" (spec), "config", "arch" (the Arch dict a
+    fixed-subnet run trained, else None), "epoch", "step",
     "complete", "history" (metrics rows) and "versions". Passing `space` checks the checkpoint
     was trained for it.
     """
@@ -92,16 +88,26 @@ def load_supernet(checkpoint_path: str | Path, space: SearchSpace | None = None,
     except RuntimeError as exc:
         raise HwawareError(f"checkpoint: {checkpoint_path}: weights do not fit its space ({str(exc).splitlines()[0]})") from None
     model.eval()
-    meta = {key: state.get(key) for key in ("space", "data", "config", "epoch", "step", "complete", "history",
+    meta = {key: state.get(key) for key in ("space", "data", "config", "arch", "epoch", "step", "complete", "history",
                                               "versions", "train_seconds")}
     meta["weights"] = "ema" if weights is state.get("ema") else "model"
     return model, meta
 
 
-def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch = "largest", split: str = "val",
+def checkpoint_arch(meta: dict[str, Any], space: SearchSpace) -> Arch | None:
+    """The subnet a fixed-subnet run trained (its checkpoint's "arch"), validated; None for a supernet."""
+    if meta.get("arch") is None:
+        return None
+    return space.validate(Arch.from_dict(meta["arch"], source="checkpoint: arch"))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch | None = None, split: str = "val",
                         data: str | None = None, batch_size: int = 256, device: str | torch.device = "cpu",
                         num_workers: int = 0) -> dict[str, Any]:
-    """Evaluate one subnet of a trained supernet on the run's data (or `data`): what `hwaware evaluate` prints."""
+    """Evaluate one subnet of a trained supernet on the run's data (or `data`): what `hwaware evaluate` prints.
+
+    `arch` defaults to the subnet a fixed-subnet run trained, else the largest.
+    """
     from hwaware.space import resolve_arch
 
     device = parse_device(device)
@@ -109,6 +115,8 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch = "largest", sp
         raise HwawareError(f"device: {device} asked for CUDA but none is available")
     model, meta = load_supernet(checkpoint)
     space = model.space
+    if arch is None:
+        arch = checkpoint_arch(meta, space) or space.largest()
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
     data = data or meta["data"]
     loader = build_loader(data, space, split, batch_size, num_workers=num_workers, rank=0, world_size=1)

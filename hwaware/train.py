@@ -1,4 +1,9 @@
-"""Supernet training: uniform or sandwich sampling, DeiT-style recipe, DDP, exact resume.
+"""Supernet training (uniform or sandwich sampling) and fixed-subnet training, DeiT-style recipe, DDP, exact resume.
+
+A fixed-subnet run (`arch` set) is AutoFormer's retraining: the same SuperViT, trained on one
+Arch every step, so its checkpoint is read by evaluate, search and export like a supernet's and
+records the Arch under "arch". `init_from` starts it from a trained supernet's weights (OFA's
+fine-tuning), optionally distilled from that supernet's largest subnet as a frozen teacher.
 
 Every random choice of a step is drawn from a seed made of (run seed, step): the subnet(s)
 from a stream shared by all ranks (so DDP ranks train the same subnet), drop path and mixup
@@ -11,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
+import json
 import math
 import random
 import sys
@@ -39,14 +46,14 @@ from hwaware.checkpoint import (
 from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
-from hwaware.evaluation import evaluate
+from hwaware.evaluation import evaluate, load_supernet
 from hwaware.io import atomic_write_text
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.supernet import SuperViT
 
-__all__ = ["TrainConfig", "RECIPES", "make_config", "train_supernet", "SupernetTrainer"]
+__all__ = ["TrainConfig", "RECIPES", "make_config", "train_supernet", "SupernetTrainer", "tracked_archs", "val_summary"]
 
-STRATEGIES = ("uniform", "sandwich")
+STRATEGIES = ("uniform", "sandwich", "fixed")  # fixed: one Arch every step (set by `arch`)
 INIT_STREAM, ARCH_STREAM, NOISE_STREAM = 0, 1, 2  # seed streams: initial weights, subnets (shared by ranks), per-rank noise
 METRICS_FILE = "metrics.csv"
 
@@ -61,7 +68,9 @@ class TrainConfig:
     out: str = "runs/digits"
     strategy: str = "sandwich"  # digits: lifts the smallest subnet (0.89 -> 0.94 val) where uniform rarely trains it
     num_random: int = 1  # sandwich: random subnets per step besides the largest and smallest
-    distill: bool = True  # sandwich: smaller subnets learn the largest's soft predictions
+    distill: bool = True  # sandwich: smaller subnets learn the largest's soft predictions; fixed: learn init_from's
+    arch: str = ""  # fixed-subnet training: the Arch as JSON (make_config takes an Arch); "" = train the supernet
+    init_from: str = ""  # fixed: a supernet checkpoint of the same space to start from (and distil from)
     epochs: int = 80
     batch_size: int = 64  # per rank
     lr: float = 5e-3  # 2e-3 learns the position embeddings too slowly: smallest subnet alone 0.88 vs 0.94 val
@@ -91,6 +100,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.strategy not in STRATEGIES:
             raise HwawareError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if (self.strategy == "fixed") != bool(self.arch):
+            raise HwawareError("strategy: fixed trains the one subnet given by arch, and arch needs strategy fixed")
+        if self.init_from and not self.arch:
+            raise HwawareError("init_from: only a fixed-subnet run (--arch) starts from a trained supernet")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise HwawareError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -107,10 +120,30 @@ class TrainConfig:
             raise HwawareError(f"amp: {self.amp!r} is not one of auto, bf16, fp16, off")
         return self
 
+    def fixed_arch(self, space: SearchSpace) -> Arch | None:
+        """The subnet a fixed run trains, checked against `space`; None for a supernet run."""
+        if not self.arch:
+            return None
+        try:
+            data = json.loads(self.arch)
+        except ValueError:
+            raise HwawareError(f"arch: not an Arch in JSON ({self.arch[:60]!r})") from None
+        return space.validate(Arch.from_dict(data))
+
     def identity(self, space: SearchSpace) -> dict[str, Any]:
-        """What makes two runs the same run: the resolved space and every setting that shapes learning."""
+        """What makes two runs the same run: the resolved space, every setting that shapes learning, and the
+        SHA-256 of the checkpoint a fine-tuning run starts from (same path, other weights: another run)."""
         learned = {k: v for k, v in asdict(self).items() if k not in self.OPERATIONAL and k != "space"}
+        if self.init_from:
+            learned["init_sha256"] = _file_sha256(self.init_from)
         return {"space": space.to_dict(), **learned}
+
+
+def _file_sha256(path: str | Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise HwawareError(f"init_from: cannot read {path} ({exc.strerror or exc})") from None
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -123,6 +156,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Each subnet overfits 1257 images (train loss at the smoothing floor), so weight decay, not more epochs, is
     # what raises val; pixel shifts / small affine jitter slowed learning so much they cost 0.2+ in 60 epochs.
     "digits": {},
+    "animals": {"epochs": 60, "lr": 2e-3, "weight_decay": 0.05},
     # AutoFormer's supernet recipe, which is DeiT's: 500 epochs, AdamW 1e-3 cosine to 1e-5 with 5 warm-up epochs,
     # RandAugment, random erasing, mixup 0.8 / cutmix 1.0, label smoothing 0.1, drop path 0.1, no clipping.
     "imagenet": {
@@ -137,11 +171,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a recipe (built-in name or YAML file of TrainConfig fields) plus explicit overrides.
 
-    With no recipe, `digits` data gets the `digits` recipe and everything else the ImageNet one.
+    With no recipe, `digits` and `animals` data get their own recipe and everything else the ImageNet one.
+    An `arch` (Arch or its JSON) makes it a fixed-subnet run: strategy `fixed`, and distillation only
+    when it starts from a supernet (`init_from`), the one teacher it can have.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(overrides.get("arch"), Arch):
+        overrides["arch"] = overrides["arch"].to_json()
+    if overrides.get("arch"):
+        overrides["strategy"] = "fixed"
+        if not overrides.get("init_from"):
+            overrides["distill"] = False
     if recipe is None:
-        recipe = "digits" if overrides.get("data", "digits") == "digits" else "imagenet"
+        data = overrides.get("data", "digits")
+        recipe = data if data in ("digits", "animals") else "imagenet"
     if recipe in RECIPES:
         values = dict(RECIPES[recipe])
     else:
@@ -210,6 +253,13 @@ class SupernetTrainer:
         self.device = torch.device(device)
         _seed_all(mix_seed(config.seed, INIT_STREAM))  # the seed alone decides the initial weights
         self.model = SuperViT(space, config.drop_path).to(self.device)
+        self.fixed = config.fixed_arch(space)
+        self.teacher: SuperViT | None = None
+        if config.init_from:
+            supernet, _ = load_supernet(config.init_from, space)
+            self.model.load_state_dict(supernet.state_dict())
+            if config.distill:
+                self.teacher = supernet.to(self.device).requires_grad_(False)
         self.ddp: nn.Module = self.model
         if world_size > 1:
             # Depth varies, so the deeper blocks are unused in some steps.
@@ -241,7 +291,9 @@ class SupernetTrainer:
 
     # -- which subnets a step trains
     def step_archs(self, step: int) -> list[Arch]:
-        """Uniform: one random subnet. Sandwich: largest, smallest, then `num_random` random ones."""
+        """Uniform: one random subnet. Sandwich: largest, smallest, then `num_random` random ones. Fixed: its Arch."""
+        if self.fixed is not None:
+            return [self.fixed]
         rng = random.Random(mix_seed(self.config.seed, ARCH_STREAM, step))
         if self.config.strategy == "uniform":
             return [self.space.sample(rng)]
@@ -264,6 +316,9 @@ class SupernetTrainer:
         archs = self.step_archs(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         teacher, losses = None, []
+        if self.teacher is not None:  # fine-tuning: the frozen supernet's largest subnet is the teacher
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                teacher = self.teacher(images, arch=self.space.largest()).float().softmax(dim=-1)
         for i, arch in enumerate(archs):
             # Accumulate locally; DDP all-reduces once, on the last subnet (unused-parameter grads included).
             sync = i == len(archs) - 1 or self.ddp is self.model
@@ -320,7 +375,10 @@ class SupernetTrainer:
         self.scheduler.step_update(self.step)
 
 
-def _tracked_archs(space: SearchSpace) -> dict[str, Arch]:
+def tracked_archs(space: SearchSpace, fixed: Arch | None = None) -> dict[str, Arch]:
+    """The subnets each epoch's val top-1 is logged for (metrics columns val_top1_<name>)."""
+    if fixed is not None:
+        return {"subnet": fixed}
     return {"largest": space.largest(), "smallest": space.smallest(), "middle": space.middle()}
 
 
@@ -363,6 +421,11 @@ class _Log:
             self.tb.close()
 
 
+def val_summary(row: dict[str, Any]) -> str:
+    """`largest 0.9850 smallest 0.9630 middle 0.9590` (or `subnet 0.8810`) from a metrics row."""
+    return " ".join(f"{k.removeprefix('val_top1_')} {v:.4f}" for k, v in row.items() if k.startswith("val_top1_"))
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
@@ -389,6 +452,9 @@ def train_supernet(config: TrainConfig | None = None, **overrides: Any) -> dict[
         train_data = build_dataset(config.data, space, "train", augment=True,
                                    auto_augment=config.auto_augment or None, reprob=config.reprob)
         val_data = build_dataset(config.data, space, "val")
+        config.fixed_arch(space)  # an Arch outside the space, or a supernet of another, fails here too
+        if config.init_from:
+            load_supernet(config.init_from, space)
         if rank == 0:
             claim_run_dir(out, config.identity(space))
         if world > 1:
@@ -428,7 +494,7 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
             return
         save_checkpoint(checkpoint_path, {
             **trainer.state_dict(), "rng": rng_states(), "space": space.to_dict(), "data": config.data,
-            "config": asdict(config), "versions": versions(), "epoch": epoch, "batch": batch, "complete": complete,
+            "config": asdict(config), "arch": trainer.fixed.to_dict() if trainer.fixed else None, "versions": versions(), "epoch": epoch, "batch": batch, "complete": complete,
             "loss_sum": loss_sum, "loss_count": loss_count, "train_seconds": seconds, "history": history,
         })
         _write_metrics(out / METRICS_FILE, history)
@@ -456,13 +522,12 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
         seconds += time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch + 1, "step": trainer.step, "lr": trainer.lr,
                                "train_loss": loss_sum / max(loss_count, 1)}
-        for name, arch in _tracked_archs(space).items():
+        for name, arch in tracked_archs(space, trainer.fixed).items():
             row[f"val_top1_{name}"] = evaluate(trainer.eval_model, arch, val_loader, device)["top1"]
         row["train_seconds"] = round(seconds, 2)
         history.append(row)
         log.scalars({f"val/{k}": v for k, v in row.items() if k.startswith("val_")}, trainer.step)
-        log.say(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  val top-1 largest "
-                f"{row['val_top1_largest']:.4f} smallest {row['val_top1_smallest']:.4f} middle {row['val_top1_middle']:.4f}"
+        log.say(f"epoch {epoch + 1}/{config.epochs}  loss {row['train_loss']:.4f}  val top-1 {val_summary(row)}"
                 f"  ({seconds:.0f} s)")
         epoch, batch, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
         checkpoint(complete=epoch == config.epochs)

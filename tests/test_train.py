@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hwaware.cli import main
 from hwaware.data import build_loader
@@ -212,6 +213,73 @@ def test_train_cli_bad_input(tmp_path, capsys):
     assert main(["train", "--space", "digits", "--data", f"imagefolder:{tmp_path}/none", "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing claimed for a failed start
+
+
+# ---- fixed-subnet training and fine-tuning ------------------------------------------------------
+
+FIXED = DIGITS.middle()
+
+
+@pytest.fixture(scope="module")
+def fixed_run(tmp_path_factory, tiny_run) -> Path:
+    """The middle digits subnet, fine-tuned from the tiny supernet and distilled from its largest."""
+    out = tmp_path_factory.mktemp("runs") / "fixed"
+    train_supernet(make_config(**{**TINY, "epochs": 1}, out=str(out), arch=FIXED, init_from=str(tiny_run / "last.pt")))
+    return out
+
+
+def test_fixed_config_trains_one_subnet_every_step():
+    config = make_config(arch=FIXED)
+    assert (config.strategy, config.distill) == ("fixed", False)  # no supernet to start from: nothing to distil from
+    trainer = SupernetTrainer(config, DIGITS, steps_per_epoch=10)
+    assert [trainer.step_archs(s) for s in range(5)] == [[FIXED]] * 5 and trainer.teacher is None
+    with pytest.raises(HwawareError, match="strategy"):
+        make_config(strategy="fixed")
+    with pytest.raises(HwawareError, match="init_from"):
+        make_config(init_from="runs/x/last.pt")
+
+
+def test_init_from_copies_the_supernet_and_freezes_the_teacher(tiny_run):
+    supernet, _ = load_supernet(tiny_run / "last.pt")
+    trainer = SupernetTrainer(make_config(arch=FIXED, init_from=str(tiny_run / "last.pt")), DIGITS, steps_per_epoch=10)
+    for name, tensor in supernet.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+    assert trainer.teacher is not None and not any(p.requires_grad for p in trainer.teacher.parameters())
+    images, labels = next(iter(build_loader("digits", DIGITS, "train", 16)))
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train_step(images, labels)
+    assert all(torch.equal(trainer.teacher.state_dict()[k], v) for k, v in teacher_before.items())
+    assert not torch.equal(trainer.model.head.weight, supernet.head.weight)  # the student did move
+
+
+def test_fixed_run_checkpoint_records_its_arch_for_evaluate(fixed_run, tiny_run, capsys):
+    import json
+
+    rows = _rows(fixed_run / "metrics.csv")
+    assert list(k for k in rows[-1] if k.startswith("val_")) == ["val_top1_subnet"]
+    model, meta = load_supernet(fixed_run / "last.pt")
+    assert meta["arch"] == FIXED.to_dict() and meta["config"]["strategy"] == "fixed"
+    assert load_supernet(tiny_run / "last.pt")[1]["arch"] is None
+    assert main(["evaluate", "--checkpoint", str(fixed_run / "last.pt"), "--json"]) == 0  # --arch defaults to FIXED
+    result = json.loads(capsys.readouterr().out)
+    assert result["arch"] == FIXED.to_dict() and result["top1"] == pytest.approx(float(rows[-1]["val_top1_subnet"]))
+    identity = json.loads((fixed_run / "run.json").read_text())
+    assert len(identity["init_sha256"]) == 64 and json.loads(identity["arch"]) == FIXED.to_dict()
+
+
+def test_fixed_run_bad_input_writes_nothing(tmp_path, tiny_run, capsys):
+    outside = tmp_path / "outside.yaml"
+    save_arch(replace(FIXED, embed_dim=512), outside)
+    args = ["train", "--space", "digits", "--data", "digits", "--epochs", "1", "--threads", "1", "--quiet"]
+    assert main([*args, "--arch", str(outside), "--out", str(tmp_path / "a")]) == 2
+    assert "embed_dim 512 is outside" in capsys.readouterr().err
+    other_space = tmp_path / "wide.yaml"
+    other_space.write_text(yaml.safe_dump({**DIGITS.to_dict(), "depths": [2, 3, 4, 5]}))
+    assert main([*args[:2], str(other_space), *args[3:], "--arch", "middle", "--init-from", str(tiny_run / "last.pt"),
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained for space 'digits'" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 # ---- exact resume after SIGKILL -----------------------------------------------------------------
