@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write, atomic_write_text
+from hwaware.io import atomic_write, atomic_write_text, dumps_strict, read_text_file
 from hwaware.space import Arch, SearchSpace
 from hwaware.vit import Piece, pieces
 
@@ -26,8 +28,16 @@ COLUMNS = ["piece", "kind", "embed_dim", "num_heads", "mlp_ratio", "median_ms", 
            "attempts", "drifted"]
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
 def table_name(device: str, backend: str, precision: str, space: str, batch: int, estimated: bool = False) -> str:
-    return f"{device}-{backend}-{precision}-{space}-b{batch}{'-estimated' if estimated else ''}.csv"
+    """The file name that says what a table is; every part must be a plain name (no path can be smuggled in)."""
+    for what, value in (("device", device), ("backend", backend), ("precision", precision), ("space", space)):
+        if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+            raise HwawareError(f"latency table: {what} name {str(value)[:40]!r} is not a plain name "
+                               "(letters, digits, . _ + -): it would leave the tables folder")
+    return f"{device}-{backend}-{precision}-{space}-b{int(batch)}{'-estimated' if estimated else ''}.csv"
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ def validation_metrics(measured, predicted) -> dict:
         return {"mape": None, "within_5pct": None, "within_10pct": None, "kendall_tau": None, "n": 0}
     rel = np.abs(p - y) / y
     tau = float(kendalltau(y, p).statistic) if len(y) > 1 else None
+    tau = tau if tau is not None and np.isfinite(tau) else None  # constant inputs: no ranking to score
     return {"mape": float(rel.mean()), "within_5pct": float((rel <= 0.05).mean()),
             "within_10pct": float((rel <= 0.10).mean()), "kendall_tau": tau, "n": int(len(y)),
             "max_error": float(rel.max())}
@@ -132,10 +143,9 @@ class LatencyTable:
         """
         space = space or self.space
         best: tuple[float, Arch] | None = None
-        sign = 1.0 if self.calibration.scale >= 0 else -1.0
-        for d in space.embed_dims:
+        for d in space.embed_dims:  # the scale is positive (checked on load), so the cheapest block wins
             h, r = min(((h, r) for h in space.num_heads for r in space.mlp_ratios),
-                       key=lambda hr: sign * self._blocks.get((d, *hr), float("inf")))
+                       key=lambda hr: self._blocks.get((d, *hr), float("inf")))
             for depth in space.depths:
                 arch = Arch(d, (h,) * depth, (r,) * depth)
                 ms = self.predict(arch)
@@ -154,7 +164,7 @@ class LatencyTable:
         data = self.rows[COLUMNS].to_csv(index=False, float_format="%.6g").encode()
         self.meta.update(format=FORMAT, complete=True, rows=len(self.rows), csv_sha256=hashlib.sha256(data).hexdigest())
         atomic_write(csv_path, lambda tmp: tmp.write_bytes(data))
-        atomic_write_text(sidecar_path(csv_path), json.dumps(self.meta, indent=1, sort_keys=False) + "\n")
+        atomic_write_text(sidecar_path(csv_path), dumps_strict(self.meta, indent=1, sort_keys=False) + "\n")
         self.path = csv_path
         return csv_path
 
@@ -169,14 +179,20 @@ class LatencyTable:
             if not p.is_file():
                 raise HwawareError(f"latency table: {p} does not exist; a table is a .csv plus its .json sidecar")
         try:
-            meta = json.loads(side.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HwawareError(f"latency table: sidecar {side} is truncated or not JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+            meta = json.loads(read_text_file(side, "latency table"), parse_constant=_no_constant)
+        except ValueError as exc:
+            raise HwawareError(f"latency table: sidecar {side} is truncated or not JSON ({str(exc)[:80]})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("complete") is not True:
             raise HwawareError(f"latency table: {side} is not a complete {FORMAT} sidecar")
         for key in ("device", "backend", "precision", "batch_size", "space", "space_def", "calibration", "rows"):
             if key not in meta:
                 raise HwawareError(f"latency table: sidecar {side} lacks {key!r}")
+        _check_meta(meta, side)
+        expected = table_name(meta["device"], meta["backend"], meta["precision"], meta["space"], meta["batch_size"],
+                              bool(meta.get("estimated", False)))
+        if csv_path.name != expected:
+            raise HwawareError(f"latency table: {csv_path.name} holds {expected} by its sidecar (renamed?); "
+                               "a table's name must say what it measured")
         data = csv_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != meta.get("csv_sha256"):
             raise HwawareError(f"latency table: {csv_path} does not match its sidecar's checksum (truncated or edited); "
@@ -186,12 +202,58 @@ class LatencyTable:
         rows = pd.read_csv(io.BytesIO(data))
         if list(rows.columns) != COLUMNS or len(rows) != meta["rows"]:
             raise HwawareError(f"latency table: {csv_path} has {len(rows)} rows/columns unlike its sidecar")
+        _check_rows(rows, csv_path)
         return cls(rows, meta, csv_path)
 
     def __repr__(self) -> str:
         v = self.validation
         return (f"LatencyTable({self.device}/{self.backend}/{self.precision}/b{self.batch_size}, {self.space_name}, "
                 f"{len(self.rows)} pieces, mape={v.get('mape')})")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _check_meta(meta: dict, side: Path) -> None:
+    """The sidecar's fields have the types and ranges prediction relies on."""
+    def bad(what: str):
+        return HwawareError(f"latency table: sidecar {side}: {what}")
+
+    batch = meta["batch_size"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise bad(f"batch_size must be a positive integer, got {str(batch)[:20]}")
+    if not isinstance(meta["space_def"], dict):
+        raise bad("space_def must be a mapping")
+    if meta.get("statistic", "median") not in ("median", "min"):
+        raise bad(f"statistic must be median or min, got {str(meta.get('statistic'))[:20]!r}")
+    if not isinstance(meta.get("estimated", False), bool):
+        raise bad("estimated must be true or false")
+    calibration = meta["calibration"]
+    if not isinstance(calibration, dict):
+        raise bad("calibration must be a mapping of scale, per_piece, intercept")
+    for key in ("scale", "per_piece", "intercept"):
+        value = calibration.get(key, 1.0 if key == "scale" else 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(f"calibration {key} must be a finite number, got {str(value)[:20]}")
+    if calibration.get("scale", 1.0) <= 0:
+        raise bad(f"calibration scale must be positive, got {calibration['scale']}")
+
+
+def _check_rows(rows: pd.DataFrame, csv_path: Path) -> None:
+    """Every piece once, with finite positive latencies and a key that parses."""
+    if not rows["piece"].is_unique:
+        duplicate = rows["piece"][rows["piece"].duplicated()].iloc[0]
+        raise HwawareError(f"latency table: {csv_path} lists piece {str(duplicate)[:40]} twice")
+    for column in ("median_ms", "min_ms"):
+        values = pd.to_numeric(rows[column], errors="coerce")
+        if not (np.isfinite(values) & (values > 0)).all():
+            raise HwawareError(f"latency table: {csv_path}: {column} must be finite and positive in every row")
+    for key in rows["piece"]:
+        try:
+            Piece.from_key(str(key))
+        except (ValueError, KeyError, IndexError):
+            raise HwawareError(f"latency table: {csv_path}: {str(key)[:40]!r} is not a piece") from None
 
 
 def sidecar_path(csv_path: str | Path) -> Path:
