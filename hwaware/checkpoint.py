@@ -124,3 +124,12 @@ def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True)
         raise HwawareError(f"out: {out} is not empty and holds no hwaware run ({RUN_FILE} missing); choose a new folder")
     if write:
         atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: a diverged run must not be
+    searched, scored or shipped as if it were a model."""
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise HwawareError(f"checkpoint: {source}: {name} holds non-finite values (NaN or inf); "
+                               "the run diverged: retrain with a lower --lr or with --clip-grad")

@@ -68,6 +68,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     """
     import torch.distributed as dist
 
+    from hwaware.checkpoint import check_finite
     from hwaware.distributed import setup_distributed
     from hwaware.evaluation import evaluate, load_supernet
     from hwaware.search import (
@@ -81,6 +82,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
 
     targets = parse_budgets(budgets)  # bad budgets are refused before anything is loaded
     model, meta = load_supernet(checkpoint)
+    check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
     latency = load_table_for(space, device, table, tables_root) if (needs_latency or device or table) else None
@@ -116,11 +118,13 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     With `table_optional` (the device came from the project file, not the user) a missing table
     means no predicted latency on the card rather than an error.
     """
+    from hwaware.checkpoint import check_finite
     from hwaware.evaluation import evaluate, load_supernet
     from hwaware.export import export_model, preflight
 
     preflight(out, formats, force)  # unknown formats, a taken folder: refused before the checkpoint loads
     model, meta = load_supernet(checkpoint)
+    check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
     data = dataset_of(meta, data)

@@ -102,3 +102,23 @@ def fill_from_project(args: argparse.Namespace, command: str, flags: dict[str, s
             raise HwawareError(f"{flag} is required ({where}; `hwaware pipeline`, `hwaware train` or "
                                f"`hwaware init {'--' + flags[dest]} ...` records one)")
     return filled
+
+
+def bounded(kind: type = int, low: float | None = None, high: float | None = None):
+    """An argparse `type` accepting finite numbers of `kind` in low..high: nan, inf, 1e8 subnets or a batch
+    of 0 are refused while parsing, before anything is read or written."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text[:20]!r}") from None
+        import math
+
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text[:20]!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hwaware.cli import fill_from_project
+from hwaware.cli import bounded, fill_from_project
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -65,7 +65,7 @@ def register(sub) -> None:
     bench.add_argument("dir", help="an export folder")
     bench.add_argument("--device", help="device profile (default: the project's, else cpu)")
     bench.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the table's")
-    bench.add_argument("--batch", type=int, help="default: the table's batch size")
+    bench.add_argument("--batch", type=bounded(int, 1, 65536), help="default: the table's batch size")
     bench.add_argument("--table", help="a latency table CSV (default: found for --device)")
     bench.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hwaware.cli import bounded
+
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from pathlib import Path
@@ -26,7 +28,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     pipe = sub.add_parser("pipeline", help="the main job on digits: train, profile, search, export, bench, report")
     pipe.add_argument("--out", default="runs/pipeline", help="folder for every stage (default runs/pipeline)")
-    pipe.add_argument("--latency-ms", dest="latency_ms", type=float,
+    pipe.add_argument("--latency-ms", dest="latency_ms", type=bounded(float, 1e-6),
                       help="latency budget (default: half-way between the cheapest and the largest subnet)")
     pipe.add_argument("--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(func=cmd_pipeline)

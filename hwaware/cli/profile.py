@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hwaware.cli import fill_from_project
+from hwaware.cli import bounded, fill_from_project
 from hwaware.errors import HwawareError
 from hwaware.io import folder_lock
 
@@ -87,23 +87,23 @@ def register(sub) -> None:
     prof.add_argument("--device", help="device profile name (profiles/<name>.yaml), e.g. cpu, t4, h100")
     prof.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the profile's")
     prof.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the profile's")
-    prof.add_argument("--batch", type=int, help="batch size (default: the profile's first)")
+    prof.add_argument("--batch", type=bounded(int, 1, 65536), help="batch size (default: the profile's first)")
     prof.add_argument("--space", help="built-in space name or YAML file (default: the project's)")
     prof.add_argument("--out", help="folder for the table (default: the project's tables, else latency_tables/)")
-    prof.add_argument("--seed", type=int, help="seed for piece order and calibration subnets (default 0)")
-    prof.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
-    prof.add_argument("--warmup", type=int, help="warm-up runs per item")
-    prof.add_argument("--min-repeats", dest="min_repeats", type=int, help="minimum timed runs per item")
-    prof.add_argument("--min-time", dest="min_time_s", type=float, help="minimum seconds of timed runs per item")
-    prof.add_argument("--fit-subnets", dest="fit_subnets", type=int,
+    prof.add_argument("--seed", type=bounded(int, 0), help="seed for piece order and calibration subnets (default 0)")
+    prof.add_argument("--threads", type=bounded(int, 1, 1024), help="intra-op threads (default: the profile's)")
+    prof.add_argument("--warmup", type=bounded(int, 0, 100000), help="warm-up runs per item")
+    prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, 1, 1000000), help="minimum timed runs per item")
+    prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, 0, 3600), help="minimum seconds of timed runs per item")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, 3, 1000),
                       help="whole subnets the correction is fitted on (--recalibrate: default 10)")
-    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=int,
+    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, 0, 1000),
                       help="held-out subnets it is validated on (--recalibrate: default 10)")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
     prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")
     prof.add_argument("--calibrate-from", dest="calibrate_from", help="measured table to fit --estimate's efficiencies on")
     prof.add_argument("--validate", metavar="TABLE", help="measure fresh subnets end to end and report the table's error")
-    prof.add_argument("--subnets", type=int, default=30, help="subnets for --validate (default 30)")
+    prof.add_argument("--subnets", type=bounded(int, 1, 1000), default=30, help="subnets for --validate (default 30)")
     prof.add_argument("--recalibrate", metavar="TABLE",
                       help="refit TABLE's correction on whole subnets timed on this host; writes a new table in --out")
     prof.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from hwaware.cli import fill_from_project
+from hwaware.cli import bounded, fill_from_project
 
 BUDGET_FLAGS = ("latency_ms", "flops_g", "params_m", "min_params_m")
 
@@ -51,11 +51,11 @@ def register(sub) -> None:
                         "(default: <project outputs or runs>/search-<budgets>)")
     search.set_defaults(outputs=None)
     search.add_argument("--strategy", choices=["evolution", "random"], help="default evolution")
-    search.add_argument("--population", type=int, help="default 50")
-    search.add_argument("--generations", type=int, help="default 20")
-    search.add_argument("--parents", type=int, help="top Archs kept as parents (default 10)")
-    search.add_argument("--mutation-children", dest="mutation_children", type=int, help="default 25")
-    search.add_argument("--crossover-children", dest="crossover_children", type=int, help="default 25")
-    search.add_argument("--seed", type=int, help="default 0")
+    search.add_argument("--population", type=bounded(int, 0, 100000), help="default 50")
+    search.add_argument("--generations", type=bounded(int, 0, 100000), help="default 20")
+    search.add_argument("--parents", type=bounded(int, 0, 100000), help="top Archs kept as parents (default 10)")
+    search.add_argument("--mutation-children", dest="mutation_children", type=bounded(int, 0, 100000), help="default 25")
+    search.add_argument("--crossover-children", dest="crossover_children", type=bounded(int, 0, 100000), help="default 25")
+    search.add_argument("--seed", type=bounded(int, 0), help="default 0")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(func=cmd_search)

@@ -1,0 +1,102 @@
+"""Hostile conditions at the edges: locked folders, bounded reads, permissions, non-finite weights, and
+every failure as one line on stderr."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hwaware.checkpoint import check_finite
+from hwaware.cli import main
+from hwaware.errors import HwawareError
+from hwaware.io import LOCK_FILE, atomic_write_text, folder_lock, read_text_file
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pipeline", "--latency-ms", "nan"], "--latency-ms: must be a finite number"),
+    (["bench", "x", "--batch", "0"], "--batch: must be a finite number in 1..65536"),
+    (["bench", "x", "--batch", "-1"], "--batch: must be a finite number"),
+    (["profile", "--device", "cpu", "--min-time", "inf"], "--min-time: must be a finite number"),
+    (["profile", "--device", "cpu", "--fit-subnets", "100000000"], "--fit-subnets: must be a finite number in 3..1000"),
+    (["search", "--latency-ms", "5", "--population", "1e9"], "--population: expected an integer"),
+])
+def test_numeric_flags_are_range_checked_while_parsing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_process_is_told_who_holds_the_folder_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    with folder_lock(tmp_path, "search"):
+        child = subprocess.run([sys.executable, "-c", (
+            "import sys; from hwaware.io import folder_lock\n"
+            "from hwaware.errors import HwawareError\n"
+            f"try:\n    folder_lock({str(tmp_path)!r}, 'search').__enter__()\n"
+            "except HwawareError as e:\n    print(e)")], capture_output=True, text=True, timeout=60)
+        assert f"is in use by hwaware search (pid {os.getpid()}" in child.stdout
+    assert not (tmp_path / LOCK_FILE).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}", "command": "profile"}}')
+    with folder_lock(tmp_path, "profile") as lock:
+        assert str(os.getpid()) in lock.read_text()
+
+
+def test_reads_refuse_fifos_devices_and_huge_files_before_reading(tmp_path):
+    fifo = tmp_path / "arch.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(HwawareError, match="is not a regular file"):
+        read_text_file(fifo, "arch")
+    with pytest.raises(HwawareError, match="is not a regular file"):
+        read_text_file("/dev/zero", "arch")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"x" * 2048)
+    with pytest.raises(HwawareError, match="over the 0 MiB limit"):
+        read_text_file(big, "arch", max_bytes=1024)
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "table.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "table.json").stat().st_mode) == 0o644
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor():
+    state = {"blocks.0.attn.qkv.weight": torch.ones(2), "head.weight": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(HwawareError, match="head.weight holds non-finite values"):
+        check_finite(state, "last.pt")
+    check_finite({"w": torch.ones(3), "step": torch.tensor(3)}, "ok.pt")
+
+
+def test_unexpected_errors_and_os_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import hwaware.cli.space as space_cli
+
+    monkeypatch.setattr(space_cli, "cmd_space_list", lambda args: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    monkeypatch.setattr(space_cli, "cmd_cost", lambda args: open(tmp_path / "missing" / "x"))
+    assert main(["space", "list"]) == 1
+    assert one_line(capsys.readouterr().err) == ("hwaware space: unexpected error: RuntimeError: boom "
+                                                 "(rerun with --debug for the traceback)")
+    assert main(["cost", "--space", "digits", "--arch", "largest"]) == 2
+    assert "No such file or directory" in one_line(capsys.readouterr().err)
+
+
+def test_version_module_entry_and_a_closed_pipe():
+    version = subprocess.run([sys.executable, "-m", "hwaware", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("hwaware ")
+    piped = subprocess.run(f"{sys.executable} -m hwaware space list | head -c 1", shell=True, capture_output=True,
+                           text=True, timeout=60)
+    assert piped.stderr == ""
