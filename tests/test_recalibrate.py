@@ -75,3 +75,12 @@ def test_cli_recalibrate_prints_before_and_after(table_path, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "held-out before recalibration: n=2" in result.stdout and "held-out after recalibration: n=2" in result.stdout
     assert json.loads((tmp_path / table_path.with_suffix(".json").name).read_text())["recalibration"]["seed"] == 0
+
+
+def test_validate_reports_without_rewriting_the_table(table_path):
+    from hwaware.latency.recalibrate import validate_table
+
+    before = (table_path.read_bytes(), table_path.with_suffix(".json").read_bytes())
+    report = validate_table(table_path, count=2, seed=1, progress=False)
+    assert report["n"] == 2 and report["seed"] == 1 and report["mape"] >= 0
+    assert (table_path.read_bytes(), table_path.with_suffix(".json").read_bytes()) == before

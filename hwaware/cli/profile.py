@@ -21,7 +21,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from hwaware.latency.devices import find_present, load_device_profile
 
     if args.validate:
-        from hwaware.latency.profile import validate_table
+        from hwaware.latency.recalibrate import validate_table
 
         report = validate_table(args.validate, count=args.subnets, seed=args.seed, progress=not args.quiet)
         _print_validation(f"validation of {args.validate} on fresh subnets", report)

@@ -11,7 +11,8 @@ _EXPORTS = {
     "protocol": ["Stats", "measure_latency", "time_runner", "time_interleaved"],
     "table": ["Calibration", "LatencyTable", "find_table", "table_name", "validation_metrics"],
     "backends": ["Backend", "get_backend", "write_piece_onnx"],
-    "profile": ["profile_device", "validate_table"],
+    "profile": ["profile_device"],
+    "recalibrate": ["recalibrate_table", "validate_table", "warn_if_other_host"],
     "estimate": ["estimate_table"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

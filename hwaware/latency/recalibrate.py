@@ -68,6 +68,23 @@ def measure_subnets(backend: Backend, table: LatencyTable, archs: list[Arch], se
     return measured
 
 
+def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = None, progress: bool = True) -> dict:
+    """Time `count` fresh random subnets end to end here and score the table's predictions of them.
+
+    Reports only: the table is left as it is (its checksum, and every search fingerprinted on it, stay valid).
+    """
+    from hwaware.latency.profile import resolve_backend, sample_subnets
+
+    table = LatencyTable.load(csv_path)
+    settings = MeasureSettings.from_dict(table.meta.get("settings"))
+    backend = resolve_backend(load_device_profile(table.device), table.backend, table.precision, settings.threads)
+    seed = int(time.time()) if seed is None else seed
+    archs = sample_subnets(table.space, count, random.Random(seed))
+    measured = measure_subnets(backend, table, archs, settings, progress, desc=f"validate {Path(csv_path).stem}")
+    return {**validation_metrics(measured, [table.predict(a) for a in archs]), "seed": seed,
+            "statistic": settings.statistic, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def relative_scale(predicted: list[float], measured: list[float]) -> float:
     """The factor s minimising the squared relative errors (s * predicted - measured) / measured."""
     ratios = [p / m for p, m in zip(predicted, measured, strict=True)]
