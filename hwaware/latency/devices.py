@@ -15,9 +15,7 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
-
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16", "bf16")
+from hwaware.precision import BACKENDS, PRECISIONS
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ from hwaware.errors import HwawareError
 from hwaware.latency.devices import DeviceProfile, find_present, list_profiles, load_device_profile
 from hwaware.latency.profile import space_pieces
 from hwaware.latency.table import COLUMNS, LatencyTable, table_name, validation_metrics
+from hwaware.precision import get_precision
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.vit import Piece
-
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def piece_work(space: SearchSpace, piece: Piece, batch: int, precision: str) -> tuple[float, float]:
@@ -34,7 +33,7 @@ def piece_work(space: SearchSpace, piece: Piece, batch: int, precision: str) -> 
     from hwaware.costs import piece_cost
 
     cost = piece_cost(space, piece)
-    elem = BYTES_PER_ELEMENT[precision]
+    elem = get_precision(precision).bytes_per_element
     n, d = space.num_tokens, piece.embed_dim
     if piece.kind == "block":
         attn = piece.num_heads * space.head_dim
