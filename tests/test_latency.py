@@ -314,7 +314,7 @@ def test_missing_optional_backend_is_one_line():
         pytest.skip("tensorrt is installed here")
     with pytest.raises(HwawareError, match="unknown backend 'tvm'"):
         get_backend("tvm")
-    with pytest.raises(HwawareError, match="fp16 on cpu is not supported"):
+    with pytest.raises(HwawareError, match="precision: fp16 does not run with onnxruntime on the CPU; fp16 runs with "):
         get_backend("onnxruntime", precision="fp16")
 
 

@@ -20,6 +20,8 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write
 from hwaware.onnx_writer import write_onnx
+from hwaware.precision import check_runs
+from hwaware.quantize import DEFAULT_MODE, check_mode, quantize_onnx, quantized_file_name
 
 EXPORTER = "torch.onnx TorchScript (dynamo=False), dynamic batch"
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,8 +45,8 @@ def write_piece_onnx(module: nn.Module, example: torch.Tensor, path: str | Path)
     return Path(path)
 
 
-def _cast(module: nn.Module, example: torch.Tensor, precision: str, device: str) -> tuple[nn.Module, torch.Tensor]:
-    dtype = _TORCH_DTYPES[precision]
+def _cast(module: nn.Module, example: torch.Tensor, dtype_name: str, device: str) -> tuple[nn.Module, torch.Tensor]:
+    dtype = _TORCH_DTYPES[dtype_name]
     return module.eval().to(device=device, dtype=dtype), example.to(device=device, dtype=dtype)
 
 
@@ -69,14 +71,19 @@ def _host_time(run, repeats: int) -> list[float]:
 
 
 class Backend:
-    """A serving stack on one device, at one precision, with a fixed thread count."""
+    """A serving stack on one device, at one precision, with a fixed thread count.
+
+    A quantized precision (int8, fp8) exports each piece in fp32 and quantizes it with
+    `hwaware.quantize.quantize_onnx` in `quantize_mode`, the function export uses on the model.
+    """
 
     name = ""
 
-    def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
-        if precision not in _TORCH_DTYPES:
-            raise HwawareError(f"precision: {precision!r} is not one of {', '.join(_TORCH_DTYPES)}")
+    def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 quantize_mode: str = DEFAULT_MODE):
         self.device, self.precision, self.threads = device, precision, threads
+        self.spec = check_runs(precision, self.name, "cuda" if self.on_gpu else "cpu")
+        self.quantize_mode = check_mode(precision, quantize_mode) if self.spec.quantized else None
         if self.on_gpu and self.needs_torch_cuda and not torch.cuda.is_available():
             raise HwawareError(f"backend {self.name}: device {device} requested but torch cannot use it "
                                "(no CUDA build, or none with kernels for this GPU); the onnxruntime and tensorrt "
@@ -93,9 +100,14 @@ class Backend:
         return self.device.startswith("cuda")
 
     def prepare(self, module: nn.Module, example: torch.Tensor, workdir: str | Path):
-        """Export `module` to ONNX in this precision under `workdir`, then load it as a runner."""
-        module, example = _cast(module, example, self.precision, "cpu")
+        """Export `module` to ONNX in this precision under `workdir` (quantized the way export quantizes,
+        calibrated on `example`: the Q/DQ placement, not the scales, sets the speed), then load it."""
+        module, example = _cast(module, example, self.spec.graph_dtype, "cpu")
         onnx_path = write_piece_onnx(module, example, Path(workdir) / "model.onnx")
+        if self.spec.quantized:
+            quantized = Path(workdir) / quantized_file_name(self.precision)
+            quantize_onnx(onnx_path, quantized, self.precision, self.quantize_mode, calibration=example)
+            onnx_path = quantized
         return self.prepare_onnx(onnx_path, example)
 
     def prepare_onnx(self, onnx_path: str | Path, example: torch.Tensor):
@@ -106,7 +118,7 @@ class Backend:
 
     def settings(self) -> dict:
         return {"backend": self.name, "device": self.device, "precision": self.precision, "threads": self.threads,
-                "exporter": EXPORTER if self.name != "torch" else None}
+                "exporter": EXPORTER if self.name != "torch" else None, "quantize_mode": self.quantize_mode}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -115,13 +127,12 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     needs_torch_cuda = False
 
-    def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None):
+    def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 quantize_mode: str = DEFAULT_MODE):
         self.ort = require("onnxruntime")
-        super().__init__(device, precision, threads)
+        super().__init__(device, precision, threads, quantize_mode)
         if self.on_gpu and "CUDAExecutionProvider" not in self.ort.get_available_providers():
             raise HwawareError("backend onnxruntime: no CUDA execution provider; pip install onnxruntime-gpu")
-        if precision == "bf16" or (precision != "fp32" and not self.on_gpu):
-            raise HwawareError(f"backend onnxruntime: {precision} on {device} is not supported; use fp32 (or fp16 on CUDA)")
 
     def prepare_onnx(self, onnx_path, example):
         options = self.ort.SessionOptions()
@@ -192,8 +203,6 @@ class TorchBackend(Backend):
     name = "torch"
 
     def prepare(self, module, example, workdir=None):
-        if not self.on_gpu and self.precision != "fp32":
-            raise HwawareError(f"backend torch: {self.precision} on the CPU is not supported; use fp32")
         module, example = _cast(module, example, self.precision, self.device)
         return _TorchRunner(module, example, self.on_gpu, None if self.on_gpu else self.threads)
 
@@ -223,16 +232,18 @@ class TensorRTBackend(Backend):
     """TensorRT engines built from the ONNX pieces by `hwaware.tensorrt_build.build_plan`, the builder
     export uses too (same typing per TensorRT version, same optimisation profile rule, same timing
     cache handling), for the batch being timed. Precision lives in the ONNX graph (the module is
-    exported in fp16/bf16). Runs with torch's CUDA where torch can use the GPU, else through cuda-python.
+    exported in fp16, or in fp32 and quantized to int8/fp8 Q/DQ). Runs with torch's CUDA where torch can use the GPU, else through cuda-python.
     """
 
     name = "tensorrt"
     needs_torch_cuda = False
 
     def __init__(self, device: str = "cuda", precision: str = "fp16", threads: int | None = None,
-                 timing_cache: str | Path | None = None):
+                 timing_cache: str | Path | None = None, quantize_mode: str = DEFAULT_MODE):
         self.trt = require("tensorrt")
-        super().__init__(device if device.startswith("cuda") else "cuda", precision, threads)
+        super().__init__(device if device.startswith("cuda") else "cuda", precision, threads, quantize_mode)
+        if self.quantize_mode == "dynamic":
+            raise HwawareError("backend tensorrt: takes explicit Q/DQ graphs only; use quantize mode static")
         self.timing_cache = Path(timing_cache) if timing_cache else None
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
 

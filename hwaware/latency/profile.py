@@ -28,6 +28,8 @@ from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved, time_runner
 from hwaware.latency.table import COLUMNS, Calibration, LatencyTable, table_name, validation_metrics
+from hwaware.precision import check_runs
+from hwaware.quantize import DEFAULT_MODE
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.vit import Piece, build_piece, build_vit, piece_input
 
@@ -339,12 +341,16 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None) -> Backend:
-    """The backend object for a present device of `profile` (raises if the device is absent)."""
+def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,
+                    quantize_mode: str = DEFAULT_MODE) -> Backend:
+    """The backend object for a present device of `profile` (raises if the device is absent, or cannot run
+    the precision with that backend: fp8 on a GPU below compute capability 8.9, int8 with torch)."""
     present = find_present(profile)
     device = "cpu" if present.kind == "cpu" else f"cuda:{present.index}"
-    runner_backend = get_backend(backend or profile.backend, device=device, precision=precision or profile.precision,
-                                 threads=threads)
+    backend, precision = backend or profile.backend, precision or profile.precision
+    check_runs(precision, backend, present.kind, present.label(), present.capability)
+    runner_backend = get_backend(backend, device=device, precision=precision, threads=threads,
+                                 quantize_mode=quantize_mode)
     if runner_backend.name == "tensorrt":
         from hwaware.tensorrt_build import check_supported
 
@@ -354,12 +360,16 @@ def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str 
 
 def profile_device(device: str, space: str | SearchSpace, backend: str | None = None, precision: str | None = None,
                    batch: int | None = None, out: str | Path = "latency_tables", seed: int = 0,
-                   settings: MeasureSettings | None = None, progress: bool = True, force: bool = False) -> Path:
-    """Profile `space` on the present `device`; resumes a partial run; returns the finished table's path."""
+                   settings: MeasureSettings | None = None, progress: bool = True, force: bool = False,
+                   quantize_mode: str = DEFAULT_MODE) -> Path:
+    """Profile `space` on the present `device`; resumes a partial run; returns the finished table's path.
+
+    int8/fp8 time every piece and subnet quantized in `quantize_mode` (see `hwaware.quantize`);
+    the mode is in the sidecar's backend settings, so a table and an export can be matched."""
     profile = load_device_profile(device)
     space = get_space(space)
     settings = settings or profile.measurement
-    runner_backend = resolve_backend(profile, backend, precision, settings.threads)
+    runner_backend = resolve_backend(profile, backend, precision, settings.threads, quantize_mode)
     batch = batch or profile.batch_sizes[0]
     if batch < 1:
         raise HwawareError(f"batch: must be at least 1, got {batch}")
@@ -379,7 +389,8 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
     table = LatencyTable.load(csv_path)
     profile = load_device_profile(table.device)
     settings = settings or MeasureSettings.from_dict(table.meta.get("settings"))
-    backend = resolve_backend(profile, table.backend, table.precision, settings.threads)
+    backend = resolve_backend(profile, table.backend, table.precision, settings.threads,
+                              (table.meta.get("backend_settings") or {}).get("quantize_mode") or DEFAULT_MODE)
     space = table.space
     seed = int(time.time()) if seed is None else seed
     archs = sample_subnets(space, count, random.Random(seed))
