@@ -6,9 +6,11 @@ with both; `load_engine` compares that with the present machine and refuses, in 
 line, an engine that TensorRT would otherwise reject with a crash or a cryptic log.
 
 Works with TensorRT 8.6, 10.x and 11.x. The ONNX file carries the precision (export writes
-an fp16 graph for fp16), so on 11.x, where the weak-typing precision flags are gone, the
-network is strongly typed and runs in the graph's types; on 8.6 and 10.x the FP16 builder
-flag lets TensorRT pick fp16 kernels for the same fp16 graph. TensorRT is imported lazily.
+an fp16 graph for fp16, and explicit Q/DQ nodes for int8 and fp8), so on 11.x, where the
+weak-typing precision flags are gone, the network is strongly typed and runs in the graph's
+types; on 8.6 and 10.x the FP16/INT8/FP8 builder flags let TensorRT pick those kernels for the
+same graph. INT8 is explicit quantization only: implicit INT8 calibration is deprecated since
+TensorRT 10.1 and gone in 11. TensorRT is imported lazily.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write, atomic_write_text, read_json
+from hwaware.precision import PRECISIONS as ALL_PRECISIONS
+from hwaware.precision import check_runs
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = tuple(name for name, p in ALL_PRECISIONS.items() if ("tensorrt", "cuda") in p.runs_on)
 log = logging.getLogger(__name__)
 
 
@@ -142,6 +146,8 @@ def build_plan(
         raise HwawareError(f"batch sizes: need positive sizes, got {list(batch_sizes)}")
     trt = _tensorrt()
     environment = present_environment()
+    capability = tuple(int(p) for p in environment["compute_capability"].split("."))
+    spec = check_runs(precision, "tensorrt", "cuda", environment["gpu"], capability)  # fp8: 8.9+ only
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # gone in TensorRT 11: strong typing only
@@ -149,8 +155,15 @@ def build_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     network_input = network.get_input(0)
-    if precision == "fp16" and weakly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
+    if spec.quantized and not _has_qdq(trt, network):
+        raise HwawareError(f"tensorrt: {precision} needs an explicitly quantized (Q/DQ) ONNX graph and {onnx_path} "
+                           "has no QuantizeLinear/DequantizeLinear; quantize it with hwaware.quantize.quantize_onnx")
+    if weakly_typed:
+        for flag in _builder_flags(precision):
+            if not hasattr(trt.BuilderFlag, flag):
+                raise HwawareError(f"tensorrt: TensorRT {trt.__version__} has no {flag} builder flag; "
+                                   f"{precision} needs a newer TensorRT")
+            config.set_flag(getattr(trt.BuilderFlag, flag))
     if not weakly_typed and precision == "fp16" and network_input.dtype != trt.float16:
         raise HwawareError(
             f"tensorrt: TensorRT {trt.__version__} builds in the ONNX graph's own types and {onnx_path} is not fp16; "
@@ -175,6 +188,16 @@ def build_plan(
         "onnx": Path(onnx_path).name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return bytes(memoryview(serialized)), metadata
+
+
+def _builder_flags(precision: str) -> tuple[str, ...]:
+    """Weak-typing flags: Q/DQ layers run int8/fp8 and, as trtexec --best does, layers between them may run fp16."""
+    return {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16"), "fp8": ("FP8", "FP16")}[precision]
+
+
+def _has_qdq(trt, network) -> bool:
+    kinds = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
 
 
 def _parse_network(trt, builder, logger, onnx_path: str | Path, weakly_typed: bool):

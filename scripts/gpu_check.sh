@@ -4,7 +4,10 @@
 #   2. H200 tables for autoformer-t with the torch backend, fp16 and bf16, batch 1 and 64,
 #   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
 #   4. TensorRT fp16 batch 1 if tensorrt is installed,
-#   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t.
+#   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t,
+#   6. quantized TensorRT (issue 11): the gpu-marked quantize tests (int8 and, on compute capability 8.9+,
+#      fp8 engines from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t with TensorRT, and an int8
+#      TensorRT latency table through the library (the CLI's --precision gains int8/fp8 with the lead's wiring).
 # Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
 # after a timeout continues where it stopped. Settings are shortened for the time box and
 # recorded in each sidecar.
@@ -92,6 +95,34 @@ for space in digits t; do
 done
 run "bench t onnxruntime b1" "$PY" -m hwaware.cli bench "$RUNS/export-t" --device "$DEVICE" --backend onnxruntime \
   --batch 1 --tables "$TABLES"
+# 6. Quantized TensorRT: explicit Q/DQ int8 everywhere, fp8 where the GPU has it (refused in one line elsewhere).
+run "quantize gpu tests" "$PY" -m pytest tests/test_quantize.py -m gpu -q -p no:cacheprovider
+if "$PY" -c "import tensorrt" 2>/dev/null; then
+  for precision in int8 fp8; do
+    run "export t $precision tensorrt" "$PY" - "$RUNS/t/last.pt" "$RUNS/export-t-$precision" "$precision" <<'PYEOF'
+import sys
+from hwaware.data import build_loader
+from hwaware.evaluation import load_supernet
+from hwaware.export import export_model
+from hwaware.quantize import calibration_images
+checkpoint, out, precision = sys.argv[1:]
+model, meta = load_supernet(checkpoint)
+space = model.space
+arch = space.middle()
+test = list(build_loader(meta["data"], space, "test", 64))[:2]
+result = export_model(model.extract(arch).eval(), arch, space, out, formats="onnx,tensorrt,triton",
+                      precision=precision, batch_sizes=(1, 8, 64), force=True,
+                      calibration_inputs=calibration_images(meta["data"], space, 128),
+                      sample_inputs=test[0][0][:32], accuracy_batches={"test": test})
+q, t = result.card["quantized"], result.card["tensorrt"]
+print(precision, "accuracy", q["accuracy"], "engine agreement", t.get("sample_top1_agreement"))
+PYEOF
+  done
+  run "tensorrt int8 b1 table" "$PY" -c "from hwaware.latency.profile import profile_device; print(profile_device(
+    '$DEVICE', 'autoformer-t', backend='tensorrt', precision='int8', batch=1, out='$TABLES', progress=False))"
+else
+  echo "SKIP quantized tensorrt: not installed (pip install tensorrt)"
+fi
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib
 for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
