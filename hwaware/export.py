@@ -22,11 +22,12 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,10 +39,20 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write_text, read_json
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
+from hwaware.precision import EXPORT_PRECISIONS, Precision, check_runs, get_precision
+from hwaware.quantize import (
+    DEFAULT_MODE,
+    check_accuracy_drop,
+    check_mode,
+    compare_accuracy,
+    quantize_onnx,
+    quantized_file_name,
+)
 from hwaware.space import Arch, SearchSpace
 
 FORMATS = ("timm", "onnx", "tensorrt", "triton")
-PRECISIONS = ("fp32", "fp16")
+ONNX_FORMATS = frozenset({"onnx", "tensorrt", "triton"})  # formats built from the ONNX file
+PRECISIONS = EXPORT_PRECISIONS
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, PLAN_FILE, CARD_FILE = (
     "model.safetensors", "config.json", "model.onnx", "model.plan", "card.json",
@@ -50,10 +61,11 @@ TIMING_CACHE_FILE = "timing.cache"
 # Card fields export computes; `card_extra` / `update_card` may not overwrite them.
 COMPUTED_CARD_FIELDS = frozenset({
     "name", "created", "hwaware_version", "space", "arch", "arch_short", "params", "flops", "precision",
-    "batch_sizes", "formats", "onnx", "tensorrt", "triton", "warnings",
+    "batch_sizes", "formats", "onnx", "tensorrt", "triton", "warnings", "quantized",
 })
-# max |ONNX or TensorRT - PyTorch|, relative to the largest PyTorch logit (at least 1).
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+# max |ONNX or TensorRT - PyTorch|, relative to the largest PyTorch logit (at least 1). The quantized
+# bounds catch a broken graph; how much accuracy quantization costs is measured on labelled data.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.25, "fp8": 0.35}
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +106,10 @@ def parse_batch_sizes(spec: str | Iterable[int]) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _check_precision(precision: str) -> str:
+def _check_precision(precision: str) -> Precision:
     if precision not in PRECISIONS:
-        raise HwawareError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    return precision
+        raise HwawareError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)} for export")
+    return get_precision(precision)
 
 
 # ---- timm -----------------------------------------------------------------------------------
@@ -207,7 +219,8 @@ def export_onnx(
     """
     import onnx
 
-    _check_precision(precision)
+    if _check_precision(precision).quantized:
+        raise HwawareError(f"onnx: {precision} is written as an fp32 graph and quantized (hwaware.quantize)")
     if opset < 17:
         raise HwawareError(f"opset: {opset} is too old; LayerNormalization needs opset 17 or later")
     dtype = _dtype(precision)
@@ -278,7 +291,11 @@ def _compare(what: str, got: torch.Tensor, want: torch.Tensor, precision: str) -
     return diff, (got.argmax(-1) == want.argmax(-1)).float().mean().item()
 
 
-def _random_images(space: SearchSpace, batch_sizes: tuple[int, ...]) -> list[torch.Tensor]:
+def _batches_of(space: SearchSpace, batch_sizes: tuple[int, ...], real: torch.Tensor | None) -> list[torch.Tensor]:
+    """One input per batch size: random images, or (for a quantized model, whose scales were calibrated on real
+    images and clip what lies far outside them) real images repeated to each size."""
+    if real is not None:
+        return [real[torch.arange(b) % len(real)] for b in batch_sizes]
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(b, space.in_chans, space.img_size, space.img_size, generator=generator) for b in batch_sizes]
 
@@ -292,13 +309,16 @@ def _verify(
     sample_inputs: torch.Tensor | None,
     precision: str,
 ) -> dict[str, Any]:
-    """Compare `run(images)` with the fp32 PyTorch model on random images at every batch size and on the real sample."""
+    """Compare `run(images)` with the fp32 PyTorch model at every batch size (random images; real ones for a
+    quantized precision) and on the real sample."""
 
     def check(images: torch.Tensor) -> tuple[float, float]:
         with torch.no_grad():
             return _compare(what, run(images), model(images), precision)
 
-    report: dict[str, Any] = {"max_abs_diff_random": max(check(x)[0] for x in _random_images(space, batch_sizes))}
+    real = sample_inputs if get_precision(precision).quantized else None
+    key = "max_abs_diff_random" if real is None else "max_abs_diff_sample_batches"
+    report: dict[str, Any] = {key: max(check(x)[0] for x in _batches_of(space, batch_sizes, real))}
     if sample_inputs is not None:
         diff, agreement = check(sample_inputs)
         report["max_abs_diff_sample"] = diff
@@ -348,7 +368,8 @@ def write_triton_model(
     platform, gpu_only = {".onnx": ("onnxruntime_onnx", False), ".plan": ("tensorrt_plan", True)}[artifact.suffix]
     folder = repository / name
     (folder / "1").mkdir(parents=True)
-    shutil.copyfile(artifact, folder / "1" / artifact.name)
+    # Triton loads model.onnx / model.plan by default, whatever the export called the file
+    shutil.copyfile(artifact, folder / "1" / (ONNX_FILE if artifact.suffix == ".onnx" else PLAN_FILE))
     atomic_write_text(folder / "config.pbtxt", triton_config(name, platform, io, batch_sizes, gpu_only))
     return folder
 
@@ -435,22 +456,34 @@ def staged_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 def preflight(
-    out_dir: str | Path, formats: str | Iterable[str] = FORMATS, force: bool = False
+    out_dir: str | Path, formats: str | Iterable[str] = FORMATS, force: bool = False, precision: str = "fp32"
 ) -> tuple[tuple[str, ...], list[str]]:
     """The checks that need no model: (formats, warnings), or a HwawareError. Cheap, so callers run it first.
 
-    Unknown formats, a taken output folder and TensorRT asked for alone where it cannot run are
-    errors; TensorRT asked for with other formats where it cannot run is a warning and is dropped.
+    Unknown formats or precisions, a taken output folder and TensorRT asked for alone where it
+    cannot run are errors; TensorRT asked for with other formats where it cannot run is a warning
+    and is dropped. fp8 runs only in TensorRT on compute capability 8.9+: it needs the tensorrt
+    format and such a GPU here (the engine is checked against the outputs of the model).
     """
-    from hwaware.tensorrt_build import tensorrt_unavailable_reason
+    from hwaware.tensorrt_build import present_environment, tensorrt_unavailable_reason
 
+    spec = _check_precision(precision)
     wanted = parse_formats(formats)
     check_out_dir(out_dir, force)
+    if ("onnxruntime", "cpu") not in spec.runs_on and spec.quantized:
+        if "tensorrt" not in wanted:
+            raise HwawareError(f"precision: {precision} runs only with {spec.where()}; add the tensorrt format")
+        if tensorrt_unavailable_reason() is None:
+            environment = present_environment()
+            check_runs(precision, "tensorrt", "cuda", environment["gpu"],
+                       tuple(int(p) for p in environment["compute_capability"].split(".")))
     if "tensorrt" not in wanted:
         return wanted, []
     reason = tensorrt_unavailable_reason()
     if reason is None:
         return wanted, []
+    if spec.quantized and ("onnxruntime", "cpu") not in spec.runs_on:
+        raise HwawareError(f"tensorrt: {reason}; {precision} runs only there, so nothing was exported")
     if wanted == ("tensorrt",):
         raise HwawareError(f"tensorrt: {reason}; nothing else was asked for, so nothing was exported")
     skipped = f"tensorrt: skipped, {reason}; the other formats were exported"
@@ -471,6 +504,10 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     onnx_dynamo: bool = False,
     timing_cache: str | Path | None = None,
+    quantize_mode: str = DEFAULT_MODE,
+    calibration_inputs: torch.Tensor | None = None,
+    accuracy_batches: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> ExportResult:
     """Export `model` (the timm ViT of `arch`, e.g. `SuperViT.extract(arch)`) into `out_dir`.
 
@@ -484,100 +521,177 @@ def export_model(
     `onnx_dynamo`: use the torch.export-based ONNX exporter instead of the TorchScript one.
     Where TensorRT cannot run, the other formats are still written and `warnings` says why;
     asking for TensorRT alone there is an error.
+
+    int8/fp8: `model.onnx` stays fp32 and `model.<precision>.onnx` beside it is quantized in
+    `quantize_mode` (static calibrates on `calibration_inputs`: real training images); TensorRT
+    and Triton serve the quantized file. `accuracy_batches` ({"val": [(images, labels), ...],
+    "test": ...}) give the card float and quantized top-1 and their agreement per split;
+    `max_accuracy_drop` (points) refuses, in one line and with nothing written, a quantized
+    model that loses more on any of them.
     """
-    from tqdm import tqdm
-
-    import hwaware
-    from hwaware.costs import arch_cost
-
-    wanted, result_warnings = preflight(out_dir, formats, force)
+    wanted, result_warnings = preflight(out_dir, formats, force, precision)
     for warning in result_warnings:
         log.warning(warning)
-    precision = _check_precision(precision)
     batch_sizes = parse_batch_sizes(batch_sizes)
+    card_extra = _check_inputs(model, arch, space, card_extra, precision, quantize_mode, calibration_inputs,
+                               sample_inputs, accuracy_batches, max_accuracy_drop)
+    sample_inputs = _checked_images("sample inputs", sample_inputs, space)
+    calibration_inputs = _checked_images("calibration data", calibration_inputs, space)
+    model = copy.deepcopy(model).float().cpu().eval()
+    out_dir = Path(out_dir)
+    card = _card_base(triton_name(out_dir), arch, space, precision, batch_sizes)
+    stages = [f for f in FORMATS if f in wanted or (f == "onnx" and ONNX_FORMATS & set(wanted))]
+    with staged_folder(out_dir, force) as staging, _progress_bar(len(stages)) as bar:
+        for stage in stages:
+            bar.set_postfix_str(stage)
+            if stage == "timm":
+                save_timm(model, arch, space, staging)
+            elif stage == "onnx":
+                card["onnx"] = _write_onnx(staging, model, space, precision, batch_sizes, sample_inputs, opset,
+                                           onnx_dynamo)
+                if get_precision(precision).quantized:
+                    card["quantized"] = _write_quantized(staging, model, space, precision, batch_sizes, sample_inputs,
+                                                         quantize_mode, calibration_inputs, accuracy_batches,
+                                                         max_accuracy_drop)
+            elif stage == "tensorrt":
+                card["tensorrt"] = _export_tensorrt(staging, model, space, precision, batch_sizes, sample_inputs,
+                                                    Path(timing_cache) if timing_cache else staging / TIMING_CACHE_FILE)
+            else:
+                card["triton"] = _write_triton(staging, card["name"], precision, batch_sizes, "tensorrt" in wanted)
+            bar.update()
+        written = stages
+        card.update(formats=written, warnings=result_warnings, **card_extra)
+        atomic_write_text(staging / CARD_FILE, _card_json(card))
+    return ExportResult(out_dir=out_dir, formats=tuple(written), card=card, warnings=result_warnings)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="export", disable=None)
+
+
+def _check_inputs(model, arch, space, card_extra, precision, quantize_mode, calibration_inputs, sample_inputs,
+                  accuracy_batches, max_accuracy_drop) -> dict[str, Any]:
+    """Everything that can be refused before a file is written; returns the card fields to add."""
     space.validate(arch)
     check_model_matches(model, arch, space)
     card_extra = dict(card_extra or {})
     _check_extra(card_extra)
-    if sample_inputs is not None:
-        expected = (space.in_chans, space.img_size, space.img_size)
-        if sample_inputs.ndim != 4 or tuple(sample_inputs.shape[1:]) != expected:
-            raise HwawareError(f"sample inputs: expected shape [N, {', '.join(map(str, expected))}], "
-                               f"got {list(sample_inputs.shape)}")
-        sample_inputs = sample_inputs.detach().float().cpu()
+    if get_precision(precision).quantized:
+        if check_mode(precision, quantize_mode) == "static" and calibration_inputs is None:
+            raise HwawareError(f"quantize: static {precision} needs calibration images (real training images); "
+                               "pass calibration_inputs")
+        if calibration_inputs is None and sample_inputs is None:
+            raise HwawareError(f"quantize: {precision} is checked on real images; pass sample_inputs")
+        if max_accuracy_drop is not None and not accuracy_batches:
+            raise HwawareError("quantize: a maximum accuracy drop needs labelled batches to measure it on")
+    elif max_accuracy_drop is not None or calibration_inputs is not None:
+        raise HwawareError(f"quantize: {precision} is not quantized; calibration and an accuracy limit need int8 or fp8")
+    if max_accuracy_drop is not None and not (math.isfinite(max_accuracy_drop) and max_accuracy_drop >= 0):
+        raise HwawareError(f"max accuracy drop: must be a number of points >= 0, got {max_accuracy_drop!r}")
+    return card_extra
 
-    build_trt = "tensorrt" in wanted
-    needs_onnx = bool({"onnx", "tensorrt", "triton"} & set(wanted))
-    out_dir = Path(out_dir)
-    name = triton_name(out_dir)
-    model = copy.deepcopy(model).float().cpu().eval()
+
+def _checked_images(what: str, images: torch.Tensor | None, space: SearchSpace) -> torch.Tensor | None:
+    if images is None:
+        return None
+    expected = (space.in_chans, space.img_size, space.img_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.shape[0] < 1:
+        raise HwawareError(f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(images.shape)}")
+    return images.detach().float().cpu()
+
+
+def _card_base(name: str, arch: Arch, space: SearchSpace, precision: str, batch_sizes: tuple[int, ...]) -> dict:
+    import hwaware
+    from hwaware.costs import arch_cost
+
     cost = arch_cost(arch, space)
-    card: dict[str, Any] = {
-        "name": name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hwaware_version": hwaware.__version__,
-        "space": space.name,
-        "arch": arch.to_dict(),
-        "arch_short": arch.short(),
-        "params": cost.params,
-        "flops": cost.flops,
-        "precision": precision,
-        "batch_sizes": list(batch_sizes),
-        "onnx": None,
-        "tensorrt": None,
-        "triton": None,
+    return {
+        "name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hwaware_version": hwaware.__version__, "space": space.name, "arch": arch.to_dict(),
+        "arch_short": arch.short(), "params": cost.params, "flops": cost.flops, "precision": precision,
+        "batch_sizes": list(batch_sizes), "onnx": None, "tensorrt": None, "triton": None,
     }
-    written: list[str] = []
-    stages = ["timm" in wanted, needs_onnx, build_trt, "triton" in wanted]
-    with staged_folder(out_dir, force) as staging, tqdm(total=sum(stages), desc="export", disable=None) as bar:
-        if "timm" in wanted:
-            bar.set_postfix_str("timm")
-            save_timm(model, arch, space, staging)
-            written.append("timm")
-            bar.update()
-        if needs_onnx:
-            bar.set_postfix_str("onnx")
-            onnx_path = staging / ONNX_FILE
-            export_onnx(model, space, onnx_path, precision, opset, onnx_dynamo)
-            checks = _verify("onnx", onnx_runner(onnx_path), model, space, batch_sizes, sample_inputs, precision)
-            card["onnx"] = {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": _exporter_name(onnx_dynamo),
-                            "input": INPUT_NAME, "output": OUTPUT_NAME, **checks}
-            written.append("onnx")
-            bar.update()
-        if build_trt:
-            bar.set_postfix_str("tensorrt")
-            card["tensorrt"] = _export_tensorrt(staging, model, space, precision, batch_sizes, sample_inputs,
-                                                Path(timing_cache) if timing_cache else staging / TIMING_CACHE_FILE)
-            written.append("tensorrt")
-            bar.update()
-        if "triton" in wanted:
-            bar.set_postfix_str("triton")
-            io = onnx_io(staging / ONNX_FILE)
-            repository = staging / "triton"
-            models = [write_triton_model(repository, name, staging / ONNX_FILE, io, batch_sizes).name]
-            if build_trt:
-                models.append(write_triton_model(repository, f"{name}_trt", staging / PLAN_FILE, io, batch_sizes).name)
-            card["triton"] = {"repository": "triton", "models": models}
-            written.append("triton")
-            bar.update()
-        card["formats"] = written
-        card["warnings"] = result_warnings
-        card.update(card_extra)
-        atomic_write_text(staging / CARD_FILE, _card_json(card))
-    return ExportResult(out_dir=out_dir, formats=tuple(written), card=card, warnings=result_warnings)
+
+
+def _write_onnx(staging: Path, model: nn.Module, space: SearchSpace, precision: str, batch_sizes: tuple[int, ...],
+                sample_inputs: torch.Tensor | None, opset: int, dynamo: bool) -> dict[str, Any]:
+    """`model.onnx` in the precision's graph dtype (fp32 for quantized precisions), checked against PyTorch."""
+    graph_precision = get_precision(precision).graph_dtype
+    onnx_path = staging / ONNX_FILE
+    export_onnx(model, space, onnx_path, graph_precision, opset, dynamo)
+    checks = _verify("onnx", onnx_runner(onnx_path), model, space, batch_sizes, sample_inputs, graph_precision)
+    return {"file": ONNX_FILE, "opset": onnx_opset(onnx_path), "exporter": _exporter_name(dynamo),
+            "input": INPUT_NAME, "output": OUTPUT_NAME, **checks}
+
+
+def _write_quantized(staging: Path, model: nn.Module, space: SearchSpace, precision: str,
+                     batch_sizes: tuple[int, ...], sample_inputs: torch.Tensor | None, mode: str,
+                     calibration_inputs: torch.Tensor | None,
+                     accuracy_batches: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None,
+                     max_accuracy_drop: float | None) -> dict[str, Any]:
+    """`model.<precision>.onnx` from the staged fp32 file: how it was quantized, its outputs against
+    PyTorch, float and quantized top-1 per split (refused beyond `max_accuracy_drop`), and, where ONNX
+    Runtime's CPU runs it, both files timed side by side."""
+    float_path, quantized_path = staging / ONNX_FILE, staging / quantized_file_name(precision)
+    how = quantize_onnx(float_path, quantized_path, precision, mode, calibration_inputs)
+    real = sample_inputs if sample_inputs is not None else calibration_inputs
+    checks = _verify(f"onnx {precision}", onnx_runner(quantized_path), model, space, batch_sizes, real, precision)
+    section: dict[str, Any] = {"file": quantized_path.name, **how, **checks}
+    if accuracy_batches:
+        section["accuracy"] = compare_accuracy(float_path, quantized_path, accuracy_batches)
+        check_accuracy_drop(section["accuracy"], max_accuracy_drop, precision)
+        section["max_accuracy_drop_points"] = max_accuracy_drop
+    if ("onnxruntime", "cpu") in get_precision(precision).runs_on:
+        section["cpu_latency"] = _time_side_by_side(float_path, quantized_path, space)
+    return section
+
+
+def _time_side_by_side(float_path: Path, quantized_path: Path, space: SearchSpace) -> dict[str, Any]:
+    """Batch 1, one ONNX Runtime CPU thread, interleaved so load from elsewhere falls on both alike."""
+    from hwaware.latency.backends import OnnxRuntimeBackend
+    from hwaware.latency.devices import MeasureSettings
+    from hwaware.latency.protocol import time_interleaved
+
+    settings = MeasureSettings(warmup=5, min_repeats=20, min_time_s=0.5, threads=1)
+    backend = OnnxRuntimeBackend("cpu", "fp32", threads=settings.threads)
+    example = torch.randn(1, space.in_chans, space.img_size, space.img_size)
+    runners = [backend.prepare_onnx(path, example) for path in (float_path, quantized_path)]
+    float_stats, quantized_stats = time_interleaved(runners, settings)
+    return {"float_ms": float_stats.median_ms, "quantized_ms": quantized_stats.median_ms,
+            "ratio": quantized_stats.median_ms / float_stats.median_ms, "batch_size": 1, "threads": settings.threads,
+            "statistic": "median", "note": "measured at export on this machine; a shared host perturbs it"}
+
+
+def _write_triton(staging: Path, name: str, precision: str, batch_sizes: tuple[int, ...], with_tensorrt: bool) -> dict:
+    """Triton models for the served ONNX file (the quantized one for int8/fp8) and, if built, the engine."""
+    served = _served_onnx(staging, precision)
+    io = onnx_io(served)
+    repository = staging / "triton"
+    models = [write_triton_model(repository, name, served, io, batch_sizes).name]
+    if with_tensorrt:
+        models.append(write_triton_model(repository, f"{name}_trt", staging / PLAN_FILE, io, batch_sizes).name)
+    return {"repository": "triton", "models": models}
+
+
+def _served_onnx(folder: Path, precision: str) -> Path:
+    return folder / (quantized_file_name(precision) if get_precision(precision).quantized else ONNX_FILE)
 
 
 def _export_tensorrt(
     staging: Path, model: nn.Module, space: SearchSpace, precision: str, batch_sizes: tuple[int, ...],
     sample_inputs: torch.Tensor | None, timing_cache: Path,
 ) -> dict[str, Any]:
-    """Build `model.plan` from the staged ONNX file and check the engine's outputs against PyTorch on the GPU."""
+    """Build `model.plan` from the staged (for int8/fp8, quantized) ONNX file and check the engine's outputs
+    against PyTorch on the GPU."""
     from hwaware.tensorrt_build import build_engine, load_engine, metadata_path, run_engine
 
     plan = staging / PLAN_FILE
-    metadata = build_engine(staging / ONNX_FILE, plan, precision, batch_sizes, timing_cache)
+    metadata = build_engine(_served_onnx(staging, precision), plan, precision, batch_sizes, timing_cache)
     engine = load_engine(plan)
 
     # TensorRT may use TF32 for fp32 layers, so its fp32 engine is held to the fp16 tolerance
-    checks = _verify("tensorrt", lambda x: run_engine(engine, x), model, space, batch_sizes, sample_inputs, "fp16")
+    tolerance = precision if get_precision(precision).quantized else "fp16"
+    checks = _verify("tensorrt", lambda x: run_engine(engine, x), model, space, batch_sizes, sample_inputs, tolerance)
     return {"file": PLAN_FILE, "metadata": metadata_path(plan).name, **metadata, **checks}

@@ -323,8 +323,8 @@ def test_bad_input_is_one_clear_error(tmp_path, model):
         export_model(model, Arch(96, (1,), (2.0,)), SPACE, tmp_path / "b")
     with pytest.raises(HwawareError, match="model: does not match arch"):
         export_model(model, Arch(48, (4, 1), (2.0, 4.0)), SPACE, tmp_path / "c")
-    with pytest.raises(HwawareError, match="precision"):
-        export_model(model, ARCH, SPACE, tmp_path / "d", precision="int8")
+    with pytest.raises(HwawareError, match="precision: 'int4' is not one of fp32, fp16, int8, fp8 for export"):
+        export_model(model, ARCH, SPACE, tmp_path / "d", precision="int4")
     with pytest.raises(HwawareError, match=r"sample inputs: expected shape \[N, 1, 8, 8\]"):
         export_model(model, ARCH, SPACE, tmp_path / "e", sample_inputs=torch.zeros(2, 3, 8, 8))
     with pytest.raises(HwawareError, match="'params' is computed by export"):
