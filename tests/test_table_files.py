@@ -82,3 +82,12 @@ def test_a_space_name_cannot_lead_a_table_out_of_its_folder():
     with pytest.raises(HwawareError, match="space name 'x/../../escaped' is not a plain name"):
         table_name("cpu", "onnxruntime", "fp32", "x/../../escaped", 1)
     assert table_name("cpu", "onnxruntime", "fp32", "autoformer-t", 1) == "cpu-onnxruntime-fp32-autoformer-t-b1.csv"
+
+
+def test_a_noisy_fit_falls_back_to_a_positive_scale():
+    from hwaware.latency.table import Calibration
+
+    noisy = Calibration.fit([1.0, 2.0, 3.0], [3, 4, 5], [3.0, 2.0, 1.0])  # anti-correlated: scale would be < 0
+    assert noisy.scale > 0 and noisy.per_piece == 0 and noisy.intercept == 0
+    clean = Calibration.fit([1.0, 2.0, 3.0, 4.0], [3, 4, 5, 3], [1.5, 2.6, 3.7, 4.2])
+    assert clean.scale > 0 and clean.apply(2.0, 4) == pytest.approx(2.6, rel=0.05)

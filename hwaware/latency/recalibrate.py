@@ -25,7 +25,7 @@ from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
 from hwaware.latency.protocol import time_runner
-from hwaware.latency.table import Calibration, LatencyTable, validation_metrics
+from hwaware.latency.table import Calibration, LatencyTable, relative_scale, validation_metrics
 from hwaware.space import Arch
 
 
@@ -83,15 +83,6 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
     measured = measure_subnets(backend, table, archs, settings, progress, desc=f"validate {Path(csv_path).stem}")
     return {**validation_metrics(measured, [table.predict(a) for a in archs]), "seed": seed,
             "statistic": settings.statistic, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def relative_scale(predicted: list[float], measured: list[float]) -> float:
-    """The factor s minimising the squared relative errors (s * predicted - measured) / measured."""
-    ratios = [p / m for p, m in zip(predicted, measured, strict=True)]
-    factor = sum(ratios) / sum(r * r for r in ratios)
-    if not (factor > 0 and factor < float("inf")):
-        raise HwawareError(f"recalibrate: the fitted factor {factor!r} is not a positive number")
-    return factor
 
 
 def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 10, holdout_subnets: int = 10,

@@ -57,17 +57,32 @@ class Calibration:
 
     @classmethod
     def fit(cls, piece_sums, num_pieces, measured) -> Calibration:
-        """Least squares on relative error (each row weighted by 1/measured), as accuracy is judged in %."""
+        """Least squares on relative error (each row weighted by 1/measured), as accuracy is judged in %.
+
+        Where noise makes the three collinear terms fit a non-positive scale (seen with 3 subnets on a
+        busy host), the scale alone is fitted: a table must keep ranking subnets as its pieces do.
+        """
         s, p, y = (np.asarray(v, dtype=np.float64) for v in (piece_sums, num_pieces, measured))
         if len(y) < 3:
             raise HwawareError(f"calibration: needs at least 3 measured subnets, got {len(y)}")
         design = np.stack([s, p, np.ones_like(s)], axis=1) / y[:, None]
         coef, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
-        return cls(*(float(c) for c in coef))
+        if np.all(np.isfinite(coef)) and coef[0] > 0:
+            return cls(*(float(c) for c in coef))
+        return cls(relative_scale(s, y), 0.0, 0.0)
 
     def to_dict(self) -> dict:
         return {"scale": self.scale, "per_piece": self.per_piece, "intercept": self.intercept,
                 "model": "scale * piece_sum_ms + per_piece * (depth + 2) + intercept"}
+
+
+def relative_scale(predicted, measured) -> float:
+    """The factor k minimising the squared relative errors (k * predicted - measured) / measured."""
+    ratios = np.asarray(predicted, dtype=np.float64) / np.asarray(measured, dtype=np.float64)
+    factor = float(ratios.sum() / (ratios**2).sum())
+    if not (np.isfinite(factor) and factor > 0):
+        raise HwawareError(f"calibration: the fitted scale {factor!r} is not a positive number")
+    return factor
 
 
 def validation_metrics(measured, predicted) -> dict:
