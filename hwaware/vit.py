@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Mlp, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -107,8 +107,12 @@ def build_block(space: SearchSpace, embed_dim: int, num_heads: int, mlp_ratio: f
 
 def _bare_vit(space: SearchSpace, embed_dim: int) -> VisionTransformer:
     """Stem, final norm and head of a timm ViT, with no blocks yet. Average pooling keeps the final norm
-    before the pool (`fc_norm=False`), as AutoFormer normalises every token and then averages."""
-    return VisionTransformer(
+    before the pool (`fc_norm=False`), as AutoFormer normalises every token and then averages.
+
+    `weight_init="skip"` leaves timm's class token and position embedding as uninitialised memory (seen:
+    1e37, NaN logits); they get timm's own init here, so random-weight pieces time and quantize sanely.
+    """
+    vit = VisionTransformer(
         img_size=space.img_size,
         patch_size=space.patch_size,
         in_chans=space.in_chans,
@@ -122,6 +126,10 @@ def _bare_vit(space: SearchSpace, embed_dim: int) -> VisionTransformer:
         norm_layer=partial(nn.LayerNorm, eps=space.norm_eps),
         weight_init="skip",
     )
+    with torch.no_grad():
+        trunc_normal_(vit.pos_embed, std=0.02)
+        nn.init.normal_(vit.cls_token, std=1e-6)
+    return vit
 
 
 def build_vit(arch: Arch, space: SearchSpace, drop_path_rates: list[float] | None = None) -> VisionTransformer:

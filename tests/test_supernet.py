@@ -161,3 +161,15 @@ def test_relative_position_index_clips_and_reserves_row_zero_for_the_class_token
     assert (index_v[1, 16].item(), index_h[1, 16].item()) == (5, 5)
     assert (index_v[16, 1].item(), index_h[16, 1].item()) == (1, 1)
     assert (index_v[6, 6].item(), index_h[6, 7].item()) == (3, 4)
+
+
+def test_a_fresh_static_model_holds_no_uninitialised_memory():
+    """timm's weight_init="skip" leaves cls_token and pos_embed as torch.empty; random-weight latency pieces
+    and quantization calibration need finite, timm-sized values there."""
+    from hwaware.vit import build_vit
+
+    space = BUILTIN_SPACES["digits"]
+    for _ in range(5):
+        model = build_vit(space.largest(), space)
+        assert model.cls_token.abs().max() < 1e-4 and 0 < model.pos_embed.abs().max() < 0.1
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
