@@ -15,7 +15,7 @@ import time
 from hwaware.latency import LatencyTable
 
 
-def main(path: str = "latency_tables/cpu-onnxruntime-fp32-autoformer-t-b1.csv", calls: int = 1_000_000) -> None:
+def main(path: str = "latency_tables/cpu-onnxruntime-fp32-autoformer-t-timm-b1.csv", calls: int = 1_000_000) -> None:
     table = LatencyTable.load(path)
     space = table.space
     rng = random.Random(0)

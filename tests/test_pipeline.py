@@ -121,7 +121,7 @@ def test_search_names_the_profile_command_for_a_missing_table(run_cli, checkpoin
 
 
 def test_search_refuses_a_table_for_another_space(run_cli, checkpoint, tmp_path):
-    other = ROOT / "latency_tables" / "cpu-onnxruntime-fp32-autoformer-t-b1.csv"
+    other = ROOT / "latency_tables" / "cpu-onnxruntime-fp32-autoformer-t-timm-b1.csv"
     result = run_cli("search", "--checkpoint", checkpoint, "--table", other, "--latency-ms", "1",
                      "--out", tmp_path / "s")
     _one_line_error(result, "autoformer-t")

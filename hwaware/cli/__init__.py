@@ -17,7 +17,7 @@ import warnings
 
 from hwaware.errors import HwawareError
 
-COMMAND_ORDER = ("space", "train", "profile", "search", "export", "pipeline", "init")
+COMMAND_ORDER = ("space", "train", "importer", "profile", "search", "export", "pipeline", "init")
 
 
 class Parser(argparse.ArgumentParser):

@@ -39,6 +39,7 @@ def cmd_space_show(args: argparse.Namespace) -> None:
         "num_classes": space.num_classes,
         "supernet_maxima": {"embed_dim": space.max_embed_dim, "depth": space.max_depth,
                             "num_heads": space.max_heads, "mlp_ratio": space.max_mlp_ratio},
+        "computes": space.compute_settings(),
         "num_subnets": space.num_subnets(),
         "params": [small.params, large.params],
         "flops": [small.flops, large.flops],
