@@ -39,15 +39,8 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write_text, read_json
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
-from hwaware.precision import EXPORT_PRECISIONS, Precision, check_runs, get_precision
-from hwaware.quantize import (
-    DEFAULT_MODE,
-    check_accuracy_drop,
-    check_mode,
-    compare_accuracy,
-    quantize_onnx,
-    quantized_file_name,
-)
+from hwaware.precision import DEFAULT_MODE, EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
+from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
 from hwaware.space import Arch, SearchSpace
 
 FORMATS = ("timm", "onnx", "tensorrt", "triton")

@@ -23,15 +23,16 @@ from hwaware.space import Arch, resolve_arch
 
 
 def load_table_for(space, device: str | None = None, table: str | Path | None = None,
-                   tables_root: str | Path = "latency_tables"):
-    """The latency table named by `table`, or the one for `device` and this space, checked against the space."""
+                   tables_root: str | Path = "latency_tables", precision: str | None = None):
+    """The latency table named by `table`, or the one for `device`, this space and `precision` (default:
+    the device profile's), checked against the space."""
     from hwaware.latency import LatencyTable, find_table
 
     if table is None and device is None:
         raise HwawareError("latency: give --device (to find the table in latency_tables/) or --table FILE")
     from hwaware.latency.recalibrate import warn_if_other_host
 
-    path = Path(table) if table is not None else find_table(device, space.name, root=tables_root)
+    path = Path(table) if table is not None else find_table(device, space.name, precision=precision, root=tables_root)
     loaded = LatencyTable.load(path)
     loaded.check_space(space)
     if device is not None and loaded.device != device:
@@ -58,7 +59,7 @@ def _split_batches(model, data: str, split: str, batch_size: int) -> list:
 def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
                       device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
-                      progress: bool = True, **search_options: Any):
+                      precision: str | None = None, progress: bool = True, **search_options: Any):
     """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...}).
 
     Scores are val top-1 (never test); costs are the table's predicted latency plus exact FLOPs
@@ -85,7 +86,8 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
-    latency = load_table_for(space, device, table, tables_root) if (needs_latency or device or table) else None
+    latency = (load_table_for(space, device, table, tables_root, precision) if (needs_latency or device or table)
+               else None)
     rank, _, _, owned = setup_distributed("cpu")
     try:
         val = _split_batches(model, dataset_of(meta, data), "val", batch_size)
@@ -112,30 +114,38 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
                       formats: str = "timm,onnx,triton", precision: str = "fp32", batch_sizes: str = "1,8,32",
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables", data: str | None = None,
-                      table_optional: bool = False):
+                      table_optional: bool = False, quantize_mode: str | None = None,
+                      max_accuracy_drop: float | None = None, calibration_images: int = 256):
     """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency.
 
     With `table_optional` (the device came from the project file, not the user) a missing table
-    means no predicted latency on the card rather than an error.
+    means no predicted latency on the card rather than an error. A quantized `precision` (int8, fp8)
+    is calibrated on `calibration_images` training images (static mode), its float and quantized
+    top-1 go on the card, and it is refused past `max_accuracy_drop` points. `quantize_mode` defaults
+    to static Q/DQ when TensorRT is among the formats, else dynamic.
     """
     from hwaware.checkpoint import check_finite
     from hwaware.evaluation import evaluate, load_supernet
-    from hwaware.export import export_model, preflight
+    from hwaware.export import export_model, parse_formats, preflight
+    from hwaware.precision import default_mode, get_precision
 
-    preflight(out, formats, force)  # unknown formats, a taken folder: refused before the checkpoint loads
+    preflight(out, formats, force, precision)  # unknown formats, a taken folder: refused before the checkpoint loads
+    quantized = get_precision(precision).quantized
+    if quantized and quantize_mode is None:
+        quantize_mode = default_mode("tensorrt" in parse_formats(formats))
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
     data = dataset_of(meta, data)
     card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
-    test_batches = _split_batches(model, data, "test", 512)
-    for split, batches in (("val", _split_batches(model, data, "val", 512)), ("test", test_batches)):
+    splits = {split: _split_batches(model, data, split, 512) for split in ("val", "test")}
+    for split, batches in splits.items():
         card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
     latency = None
     if device is not None or table is not None:
         try:
-            latency = load_table_for(space, device, table, tables_root)
+            latency = load_table_for(space, device, table, tables_root, precision)
         except HwawareError as exc:
             if not table_optional:
                 raise
@@ -143,9 +153,16 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     if latency is not None:
         card.update(predicted_latency_ms=latency.predict(arch), latency_table=str(latency.path),
                     latency_batch_size=latency.batch_size)
+    options: dict[str, Any] = {}
+    if quantized:
+        from hwaware.quantize import calibration_images as training_images
+
+        options = {"quantize_mode": quantize_mode, "accuracy_batches": splits, "max_accuracy_drop": max_accuracy_drop,
+                   "calibration_inputs": training_images(data, space, calibration_images)
+                   if quantize_mode == "static" else None}
     with export_lock(out):
         return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
-                            card_extra=card, sample_inputs=test_batches[0][0][:32])
+                            card_extra=card, sample_inputs=splits["test"][0][0][:32], **options)
 
 
 @contextlib.contextmanager
@@ -162,7 +179,8 @@ def export_lock(out: str | Path):
 
 def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | None = None,
                  batch_size: int | None = None, table: str | Path | None = None,
-                 tables_root: str | Path = "latency_tables", record: bool = True) -> dict[str, Any]:
+                 tables_root: str | Path = "latency_tables", record: bool = True,
+                 precision: str | None = None) -> dict[str, Any]:
     """Time an exported model with the profiling protocol and the table's settings; measured beside predicted.
 
     Without a table for this device the model is still timed, with the device profile's settings.
@@ -170,7 +188,7 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     """
     import torch
 
-    from hwaware.export import ONNX_FILE, load_model, read_card, read_model_config, update_card
+    from hwaware.export import load_model, read_card, read_model_config, update_card
     from hwaware.latency import MeasureSettings, load_device_profile, time_runner
     from hwaware.latency.profile import resolve_backend
 
@@ -179,23 +197,24 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     arch, space = read_model_config(export_dir)
     profile = load_device_profile(device)
     try:
-        latency = load_table_for(space, device, table, tables_root)
+        latency = load_table_for(space, device, table, tables_root, precision)
     except HwawareError:
         if table is not None:
             raise
         latency = None
     settings = MeasureSettings.from_dict(latency.meta.get("settings")) if latency else profile.measurement
     backend = backend or (latency.backend if latency else profile.backend)
-    precision = latency.precision if latency else profile.precision
+    precision = latency.precision if latency else (precision or profile.precision)
     batch_size = batch_size or (latency.batch_size if latency else profile.batch_sizes[0])
     runner_backend = resolve_backend(profile, backend, precision, settings.threads)
     x = torch.randn(batch_size, space.in_chans, space.img_size, space.img_size)
     if backend == "torch":
         runner = runner_backend.prepare(load_model(export_dir), x)
     else:
-        onnx_path = export_dir / ONNX_FILE
+        onnx_path = export_dir / _served_onnx(card, precision, latency)
         if not onnx_path.is_file():
-            raise HwawareError(f"bench: {export_dir} has no {ONNX_FILE}; export with --format onnx to bench {backend}")
+            raise HwawareError(f"bench: {export_dir} has no {onnx_path.name}; export with --format onnx "
+                               f"--precision {precision} to bench {backend} {precision}")
         runner = runner_backend.prepare_onnx(onnx_path, x)
     stats = time_runner(runner, settings)
     measured = stats.reading(settings.statistic)
@@ -215,6 +234,23 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
                 fields["measured_latency_ms"] = measured
             update_card(export_dir, **fields)
     return result
+
+
+def _served_onnx(card: dict[str, Any], precision: str, table) -> str:
+    """The ONNX file of an export that serves `precision`: model.onnx, or the quantized one beside it
+    (with a warning when it was quantized in another mode than the table's pieces were)."""
+    from hwaware.export import ONNX_FILE
+    from hwaware.precision import get_precision
+    from hwaware.quantize import quantized_file_name
+
+    if not get_precision(precision).quantized:
+        return ONNX_FILE
+    shipped = (card.get("quantized") or {}).get("mode")
+    priced = ((table.meta.get("backend_settings") or {}).get("quantize_mode")) if table is not None else None
+    if shipped and priced and shipped != priced:
+        _log(f"hwaware bench: warning: the export is {precision} {shipped}, the table's pieces {precision} {priced}; "
+             "the prediction is for another graph")
+    return quantized_file_name(precision)
 
 
 # ---- the main job -----------------------------------------------------------------------------------

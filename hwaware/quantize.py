@@ -37,10 +37,8 @@ import torch
 
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_path
-from hwaware.precision import get_precision
+from hwaware.precision import DEFAULT_MODE, check_mode
 
-QUANT_MODES = ("static", "dynamic")
-DEFAULT_MODE = "static"
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_CALIBRATION_COUNT = 256
 _CALIBRATION_BATCH = 16
@@ -49,16 +47,6 @@ _CALIBRATION_BATCH = 16
 def quantized_file_name(precision: str) -> str:
     """The quantized ONNX file written beside `model.onnx`: `model.int8.onnx`, `model.fp8.onnx`."""
     return f"model.{precision}.onnx"
-
-
-def check_mode(precision: str, mode: str) -> str:
-    if not get_precision(precision).quantized:
-        raise HwawareError(f"quantize: {precision} is not a quantized precision")
-    if mode not in QUANT_MODES:
-        raise HwawareError(f"quantize: mode {mode!r} is not one of {', '.join(QUANT_MODES)}")
-    if mode == "dynamic" and precision != "int8":
-        raise HwawareError(f"quantize: dynamic quantization is int8 only; {precision} needs static Q/DQ")
-    return mode
 
 
 @contextlib.contextmanager

@@ -5,9 +5,9 @@
 #   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
 #   4. TensorRT fp16 batch 1 if tensorrt is installed,
 #   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t,
-#   6. quantized TensorRT (issue 11): the gpu-marked quantize tests (int8 and, on compute capability 8.9+,
-#      fp8 engines from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t with TensorRT, and an int8
-#      TensorRT latency table through the library (the CLI's --precision gains int8/fp8 with the lead's wiring).
+#   6. quantized TensorRT: the gpu-marked quantize tests (int8 and, on compute capability 8.9+, fp8 engines
+#      from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t (relative position encoding) with TensorRT,
+#      and an int8 TensorRT latency table.
 # Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
 # after a timeout continues where it stopped. Settings are shortened for the time box and
 # recorded in each sidecar.
@@ -98,28 +98,13 @@ run "bench t onnxruntime b1" "$PY" -m hwaware.cli bench "$RUNS/export-t" --devic
 # 6. Quantized TensorRT: explicit Q/DQ int8 everywhere, fp8 where the GPU has it (refused in one line elsewhere).
 run "quantize gpu tests" "$PY" -m pytest tests/test_quantize.py -m gpu -q -p no:cacheprovider
 if "$PY" -c "import tensorrt" 2>/dev/null; then
-  for precision in int8 fp8; do
-    run "export t $precision tensorrt" "$PY" - "$RUNS/t/last.pt" "$RUNS/export-t-$precision" "$precision" <<'PYEOF'
-import sys
-from hwaware.data import build_loader
-from hwaware.evaluation import load_supernet
-from hwaware.export import export_model
-from hwaware.quantize import calibration_images
-checkpoint, out, precision = sys.argv[1:]
-model, meta = load_supernet(checkpoint)
-space = model.space
-arch = space.middle()
-test = list(build_loader(meta["data"], space, "test", 64))[:2]
-result = export_model(model.extract(arch).eval(), arch, space, out, formats="onnx,tensorrt,triton",
-                      precision=precision, batch_sizes=(1, 8, 64), force=True,
-                      calibration_inputs=calibration_images(meta["data"], space, 128),
-                      sample_inputs=test[0][0][:32], accuracy_batches={"test": test})
-q, t = result.card["quantized"], result.card["tensorrt"]
-print(precision, "accuracy", q["accuracy"], "engine agreement", t.get("sample_top1_agreement"))
-PYEOF
+  for precision in int8 fp8; do  # autoformer-t computes with relative position encoding: its TensorRT path too
+    run "export t $precision tensorrt" "$PY" -m hwaware.cli export --checkpoint "$RUNS/t/last.pt" --arch middle \
+      --format onnx,tensorrt,triton --precision "$precision" --quantize-mode static --calibration-images 128 \
+      --batch-sizes 1,8,64 --out "$RUNS/export-t-$precision" --force
   done
-  run "tensorrt int8 b1 table" "$PY" -c "from hwaware.latency.profile import profile_device; print(profile_device(
-    '$DEVICE', 'autoformer-t', backend='tensorrt', precision='int8', batch=1, out='$TABLES', progress=False))"
+  run "tensorrt int8 b1 table" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
+    --backend tensorrt --precision int8 --batch 1 --out "$TABLES" "${QUICK[@]}"
 else
   echo "SKIP quantized tensorrt: not installed (pip install tensorrt)"
 fi

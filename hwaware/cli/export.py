@@ -6,6 +6,7 @@ import argparse
 import json
 
 from hwaware.cli import bounded, fill_from_project
+from hwaware.precision import EXPORT_PRECISIONS, PRECISIONS, QUANT_MODES
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -16,12 +17,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     args.tables = args.tables or "latency_tables"
     result = export_checkpoint(args.checkpoint, args.arch, args.out, formats=args.format, precision=args.precision,
                                batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,
-                               tables_root=args.tables, data=args.data, table_optional="device" in filled)
+                               tables_root=args.tables, data=args.data, table_optional="device" in filled,
+                               quantize_mode=args.quantize_mode, max_accuracy_drop=args.max_accuracy_drop,
+                               calibration_images=args.calibration_images)
     card = result.card
     print(f"exported {', '.join(result.formats)} to {result.out_dir}: {card['arch_short']}, "
           f"{card['params']:,} params, {card['flops']:,} FLOPs, val top-1 {card['val_top1']:.4f}, "
           f"test top-1 {card['test_top1']:.4f}"
           + (f", predicted {card['predicted_latency_ms']:.4f} ms" if "predicted_latency_ms" in card else ""))
+    quantized = card.get("quantized") or {}
+    for split, row in (quantized.get("accuracy") or {}).items():
+        print(f"  {card['precision']} ({quantized.get('mode')}) {split}: top-1 {row['quantized_top1']:.4f} against "
+              f"{row['float_top1']:.4f} float ({-row['drop_points']:+.2f} points), top-1 agreement {row['agreement']:.4f}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -30,7 +37,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     fill_from_project(args, "bench", {"device": "device", "tables": "tables"})
     args.device, args.tables = args.device or "cpu", args.tables or "latency_tables"
     r = bench_export(args.dir, args.device, backend=args.backend, batch_size=args.batch, table=args.table,
-                     tables_root=args.tables)
+                     tables_root=args.tables, precision=args.precision)
     if args.json:
         print(json.dumps(r))
         return
@@ -52,7 +59,15 @@ def register(sub) -> None:
     export.add_argument("--arch", required=True, help="largest, smallest, middle or an Arch YAML (e.g. search's best)")
     export.add_argument("--format", default="timm,onnx,triton", help="any of timm,onnx,tensorrt,triton")
     export.add_argument("--out", required=True, help="export folder (refused if it exists, unless --force)")
-    export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
+                        help="fp32, fp16; int8 / fp8 write model.<precision>.onnx beside the float model.onnx")
+    export.add_argument("--quantize-mode", dest="quantize_mode", choices=QUANT_MODES,
+                        help="int8: dynamic (ONNX Runtime on the CPU; the default without tensorrt) or static Q/DQ "
+                             "calibrated on training images (the default with tensorrt)")
+    export.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=bounded(float, 0, 100),
+                        help="refuse a quantized model losing more top-1 points than this on val or test")
+    export.add_argument("--calibration-images", dest="calibration_images", type=bounded(int, 1, 100000), default=256,
+                        help="training images static quantization is calibrated on (default 256)")
     export.add_argument("--batch-sizes", dest="batch_sizes", default="1,8,32",
                         help="checked batches, TensorRT profile and Triton max batch (default 1,8,32)")
     export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
@@ -65,6 +80,8 @@ def register(sub) -> None:
     bench.add_argument("dir", help="an export folder")
     bench.add_argument("--device", help="device profile (default: the project's, else cpu)")
     bench.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the table's")
+    bench.add_argument("--precision", choices=list(PRECISIONS),
+                       help="time this precision's model (int8: model.int8.onnx) with its table (default: the profile's)")
     bench.add_argument("--batch", type=bounded(int, 1, 65536), help="default: the table's batch size")
     bench.add_argument("--table", help="a latency table CSV (default: found for --device)")
     bench.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")

@@ -7,6 +7,7 @@ import argparse
 from hwaware.cli import bounded, fill_from_project
 from hwaware.errors import HwawareError
 from hwaware.io import folder_lock
+from hwaware.precision import BACKENDS, PRECISIONS, QUANT_MODES
 
 
 def _print_validation(label: str, v: dict) -> None:
@@ -49,9 +50,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from hwaware.latency.profile import profile_device
 
         with folder_lock(args.out, "profile"):
+            from hwaware.precision import default_mode
+
+            mode = args.quantize_mode or default_mode((args.backend or profile.backend) == "tensorrt")
             path = profile_device(args.device, args.space, backend=args.backend, precision=args.precision,
                                   batch=args.batch, out=args.out, seed=args.seed or 0, settings=settings,
-                                  progress=not args.quiet, force=args.force)
+                                  progress=not args.quiet, force=args.force, quantize_mode=mode)
     from hwaware.latency.table import LatencyTable
 
     table = LatencyTable.load(path)
@@ -85,8 +89,11 @@ def _recalibrate(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     prof = sub.add_parser("profile", help="measure a per-device latency table (or --estimate, --validate)")
     prof.add_argument("--device", help="device profile name (profiles/<name>.yaml), e.g. cpu, t4, h100")
-    prof.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], help="default: the profile's")
-    prof.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the profile's")
+    prof.add_argument("--backend", choices=BACKENDS, help="default: the profile's")
+    prof.add_argument("--precision", choices=list(PRECISIONS), help="default: the profile's")
+    prof.add_argument("--quantize-mode", dest="quantize_mode", choices=QUANT_MODES,
+                      help="int8: how pieces are quantized, as export will quantize the model (default: dynamic "
+                           "for onnxruntime, static Q/DQ for tensorrt)")
     prof.add_argument("--batch", type=bounded(int, 1, 65536), help="batch size (default: the profile's first)")
     prof.add_argument("--space", help="built-in space name or YAML file (default: the project's)")
     prof.add_argument("--out", help="folder for the table (default: the project's tables, else latency_tables/)")

@@ -6,6 +6,7 @@ import argparse
 import re
 
 from hwaware.cli import bounded, fill_from_project
+from hwaware.precision import PRECISIONS
 
 BUDGET_FLAGS = ("latency_ms", "flops_g", "params_m", "min_params_m")
 
@@ -30,7 +31,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in ("population", "generations", "parents", "mutation_children",
                                              "crossover_children", "strategy", "seed") if getattr(args, k) is not None}
     result = search_checkpoint(args.checkpoint, args.out, budgets, device=args.device, table=args.table,
-                               tables_root=args.tables, data=args.data, progress=not args.quiet, **options)
+                               tables_root=args.tables, data=args.data, precision=args.precision,
+                               progress=not args.quiet, **options)
     if os.environ.get("RANK", "0") == "0":
         print(summary_table(result))
         print(f"results in {args.out}/ (best_*.yaml, candidates.csv, pareto.csv, pareto.png)")
@@ -42,6 +44,8 @@ def register(sub) -> None:
     search.add_argument("--data", help="dataset to score subnets on (default: the one the checkpoint records)")
     search.add_argument("--device", help="device whose table (in --tables) prices latency, e.g. cpu")
     search.add_argument("--table", help="a latency table CSV (instead of --device)")
+    search.add_argument("--precision", choices=list(PRECISIONS),
+                        help="which of the device's tables prices latency, e.g. int8 (default: the profile's)")
     search.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     search.add_argument("--latency-ms", dest="latency_ms", help="latency budget(s) in ms, e.g. 5 or 1,2,5")
     search.add_argument("--flops-g", dest="flops_g", help="FLOPs budget(s) in G multiply-adds")

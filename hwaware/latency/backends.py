@@ -20,8 +20,8 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write
 from hwaware.onnx_writer import write_onnx
-from hwaware.precision import check_runs
-from hwaware.quantize import DEFAULT_MODE, check_mode, quantize_onnx, quantized_file_name
+from hwaware.precision import DEFAULT_MODE, check_mode, check_runs
+from hwaware.quantize import quantize_onnx, quantized_file_name
 
 EXPORTER = "torch.onnx TorchScript (dynamo=False), dynamic batch"
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

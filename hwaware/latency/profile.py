@@ -28,8 +28,7 @@ from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved, time_runner
 from hwaware.latency.table import COLUMNS, Calibration, LatencyTable, table_name, validation_metrics
-from hwaware.precision import check_runs
-from hwaware.quantize import DEFAULT_MODE
+from hwaware.precision import DEFAULT_MODE, check_runs
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.vit import Piece, build_piece, build_vit, piece_input
 
