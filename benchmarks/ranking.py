@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         loaders = {s: list(build_loader(args.data, space, s, 500, rank=0, world_size=1)) for s in SPLITS}
         archs = spread_subnets(space, args.subnets, args.seed)
-        outs = [str(Path(args.runs) / arch.short()) for arch in archs]
+        outs = [str(Path(args.runs) / arch.short().replace("/", "_")) for arch in archs]
         configs = [make_config(args.recipe, space=args.space, data=args.data, out=out, arch=arch, epochs=args.epochs,
                                threads=args.threads, progress=False) for arch, out in zip(archs, outs, strict=True)]
         started = time.perf_counter()

@@ -2,13 +2,17 @@
 
     .venv/bin/python benchmarks/search_strategies.py                       # synthetic digits landscape
     .venv/bin/python benchmarks/search_strategies.py --checkpoint runs/digits/last.pt --device cpu
+    .venv/bin/python benchmarks/search_strategies.py --checkpoint runs/animals/last.pt --params-m 0.05 \
+        --population 20 --generations 10 --overhead-evaluations 0
 
 Without --checkpoint the fitness is a synthetic landscape shaped like a trained `digits`
 supernet (accuracy saturating in capacity, later layers' MLP width mattering most, top-1 in
 steps of one validation image with +-1 image of evaluation noise) and the latency a synthetic
 CPU model (per-block overhead + per-head overhead + FLOPs at 5 GFLOP/s). With --checkpoint the
 fitness is the supernet's val top-1 (hwaware.evaluation.evaluate) and the latency comes from the
-device's table (--table or --device), and the test top-1 of each chosen Arch is reported too.
+device's table (--table or --device), and the test top-1 of each chosen Arch is reported too, with
+the mean val-minus-test gap of the chosen subnets (the selection bias of picking the best on val).
+--params-m searches under an exact parameter budget instead of latency, for spaces without a table.
 
 Both strategies of one seed start from the same random generation 0 (same RNG stream), so the
 per-seed difference is paired. Fitness values are memoised across runs here (evaluation is
@@ -114,6 +118,7 @@ def compare_strategies(provider: Provider, budget: Budget, seeds: int, settings:
     print(f"\n== evolution vs random search: {provider.name}, space {provider.space.name}, {label}, "
           f"{settings['population']} x {settings['generations']} evaluations, seeds 0..{seeds - 1}")
     best: dict[str, list[float]] = {}
+    gaps: list[float] = []
     for strategy in ("evolution", "random"):
         best[strategy] = []
         started = time.perf_counter()
@@ -122,7 +127,11 @@ def compare_strategies(provider: Provider, budget: Budget, seeds: int, settings:
                                      seed=seed, progress=False, **settings).run()
             chosen = result.best[label]
             best[strategy].append(chosen.top1)
-            test = f"  test top-1 {provider.test_top1(chosen.arch) * 100:.2f}%" if provider.test_top1 else ""
+            test = ""
+            if provider.test_top1:
+                test_top1 = provider.test_top1(chosen.arch)
+                gaps.append(chosen.top1 - test_top1)
+                test = f"  test top-1 {test_top1 * 100:.2f}%"
             print(f"  {strategy:9s} seed {seed}: {len(result.evaluations)} evaluated, best val top-1 "
                   f"{chosen.top1 * 100:.2f}% {chosen.arch.short()} at {result.costs[chosen.arch][budget.metric]:.3f}"
                   f"{test}")
@@ -135,6 +144,9 @@ def compare_strategies(provider: Provider, budget: Budget, seeds: int, settings:
     print(f"  evolution - random (paired by seed): mean {statistics.mean(gains) * 100:+.2f} points, "
           f"std {statistics.stdev(gains) * 100:.2f}; evolution ahead in {wins}/{seeds}, tied in "
           f"{sum(g == 0 for g in gains)}/{seeds}")
+    if gaps:
+        print(f"  chosen subnets' val - test top-1: mean {statistics.mean(gaps) * 100:+.2f} points, "
+              f"max {max(gaps) * 100:+.2f} over {len(gaps)} searches")
 
 
 def time_overhead(space: SearchSpace, evaluations: int) -> None:
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads for --checkpoint (0: torch's default); the digits model is too small "
                              "to gain from more, and extra threads slow it down on a shared machine")
     parser.add_argument("--latency-ms", type=float, default=0.5, help="the budget both strategies search under")
+    parser.add_argument("--params-m", type=float, help="search under this many million parameters instead of latency")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--population", type=int, default=50)
     parser.add_argument("--generations", type=int, default=20)
@@ -191,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         # AutoFormer's proportions: a fifth kept as parents, half the population by mutation, half by crossover.
         settings = dict(population=args.population, generations=args.generations, parents=max(1, args.population // 5),
                         mutation_children=args.population // 2, crossover_children=args.population // 2)
-        compare_strategies(provider, Budget("latency_ms", args.latency_ms), args.seeds, settings)
+        budget = Budget("params_m", args.params_m) if args.params_m else Budget("latency_ms", args.latency_ms)
+        compare_strategies(provider, budget, args.seeds, settings)
     except HwawareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
