@@ -108,10 +108,10 @@ def _piece_modules(space, arch, static):
     return [Stem(static), *static.blocks, Head(static)]
 
 
-def test_set_arch_validates():
+def test_extract_validates_the_arch():
     net = SuperViT(BUILTIN_SPACES["digits"])
     with pytest.raises(HwawareError, match="embed_dim"):
-        net.set_arch(Arch(128, (1,), (2.0,)))
+        net.extract(Arch(128, (1,), (2.0,)))
 
 
 # ---- AutoFormer's settings: relative position encoding, average pooling, eps, qkv layout --------------------

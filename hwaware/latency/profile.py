@@ -26,7 +26,7 @@ from hwaware.errors import HwawareError
 from hwaware.io import atomic_write_text
 from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
-from hwaware.latency.protocol import Stats, time_interleaved, time_runner
+from hwaware.latency.protocol import Stats, time_interleaved
 from hwaware.latency.table import COLUMNS, Calibration, LatencyTable, table_name, validation_metrics
 from hwaware.precision import DEFAULT_MODE, check_runs
 from hwaware.space import Arch, SearchSpace, get_space
@@ -53,15 +53,10 @@ def sample_subnets(space: SearchSpace, count: int, rng: random.Random) -> list[A
     return list(chosen)
 
 
-def _median_choice(values):
-    return sorted(values)[(len(values) - 1) // 2]
-
-
 @dataclass
 class _Item:
     kind: str  # "piece" | "subnet"
     key: str
-    module: torch.nn.Module | None = None
 
     @classmethod
     def piece(cls, piece: Piece) -> _Item:
@@ -121,8 +116,8 @@ class Profiler:
         self.subnets = sample_subnets(space, settings.fit_subnets + settings.holdout_subnets, rng)
         # One anchor per phase, alike to what the phase times: a middle block among pieces, the middle
         # subnet among subnets (a whole model feels cache and memory contention a small block does not).
-        middle_block = Piece("block", _median_choice(space.embed_dims), _median_choice(space.num_heads),
-                             _median_choice(space.mlp_ratios))
+        middle = space.middle()
+        middle_block = Piece("block", middle.embed_dim, middle.num_heads[0], middle.mlp_ratios[0])
         self.anchors = {"pieces": _Item.piece(middle_block), "subnets": _Item.subnet(space.middle())}
         self._anchor_runners: dict = {}
         self._workdir = tempfile.TemporaryDirectory(prefix="hwaware-profile-")
@@ -373,37 +368,10 @@ def profile_device(device: str, space: str | SearchSpace, backend: str | None = 
     if batch < 1:
         raise HwawareError(f"batch: must be at least 1, got {batch}")
     profiler = Profiler(profile, space, runner_backend, batch, settings, out, seed, progress)
-    if profiler.csv_path.exists() and not profiler.log.path.exists() and not force:
-        raise HwawareError(f"profile: {profiler.csv_path} exists already; pass --force to measure it again")
-    if force and profiler.csv_path.exists() and not profiler.log.path.exists():
-        profiler.run_info_path.unlink(missing_ok=True)
+    resumable = profiler.log.path.exists() and profiler.run_info_path.exists()  # a partial log and its run record
+    if profiler.csv_path.exists() and not resumable:
+        if not force:
+            raise HwawareError(f"profile: {profiler.csv_path} exists already; pass --force to measure it again")
+        for stray in (profiler.log.path, profiler.run_info_path):  # a partial of a dead run cannot be trusted
+            stray.unlink(missing_ok=True)
     return profiler.run()
-
-
-def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = None, settings: MeasureSettings | None = None,
-                   progress: bool = True, record: bool = True) -> dict:
-    """Measure `count` fresh random subnets end to end and compare with the table's predictions."""
-    from tqdm import tqdm
-
-    table = LatencyTable.load(csv_path)
-    profile = load_device_profile(table.device)
-    settings = settings or MeasureSettings.from_dict(table.meta.get("settings"))
-    backend = resolve_backend(profile, table.backend, table.precision, settings.threads,
-                              (table.meta.get("backend_settings") or {}).get("quantize_mode") or DEFAULT_MODE)
-    space = table.space
-    seed = int(time.time()) if seed is None else seed
-    archs = sample_subnets(space, count, random.Random(seed))
-    measured, predicted = [], []
-    with tempfile.TemporaryDirectory(prefix="hwaware-validate-") as tmp:
-        for arch in tqdm(archs, desc=f"validate {Path(csv_path).stem}", disable=not progress):
-            x = torch.randn(table.batch_size, space.in_chans, space.img_size, space.img_size)
-            runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
-            stats = time_runner(runner, settings)
-            measured.append(stats.reading(settings.statistic))
-            predicted.append(table.predict(arch))
-    report = {**validation_metrics(measured, predicted), "seed": seed, "date": _now(), "statistic": settings.statistic,
-              "load_average_1min": os.getloadavg()[0]}
-    if record:
-        table.meta.setdefault("revalidations", []).append(report)
-        table.save(table.path)
-    return report

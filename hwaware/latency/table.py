@@ -169,9 +169,6 @@ class LatencyTable:
         assert best is not None
         return best
 
-    def min_latency(self, space: SearchSpace | None = None) -> float:
-        return self.cheapest(space)[0]
-
     # ---- files ----------------------------------------------------------------------------------
     def save(self, csv_path: str | Path) -> Path:
         """Write the CSV, then the sidecar that vouches for it (checksum, row count)."""

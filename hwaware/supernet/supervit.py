@@ -43,7 +43,6 @@ class SuperViT(nn.Module):
         )
         self.norm = ElasticLayerNorm(D, eps=space.norm_eps)
         self.head = ElasticLinear(D, space.num_classes)
-        self.arch = space.largest()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -55,13 +54,7 @@ class SuperViT(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def set_arch(self, arch: Arch) -> SuperViT:
-        """Make `arch` the subnet that `forward(x)` runs; checked against the space's maxima."""
-        self.arch = self.space.validate(arch)
-        return self
-
-    def forward(self, x: torch.Tensor, arch: Arch | None = None) -> torch.Tensor:
-        arch = arch or self.arch
+    def forward(self, x: torch.Tensor, arch: Arch) -> torch.Tensor:
         d = arch.embed_dim
         x = self.patch_embed(x, d)
         cls = self.cls_token[..., :d].expand(x.shape[0], -1, -1)
@@ -71,9 +64,9 @@ class SuperViT(nn.Module):
         return self.head(pool_tokens(self.norm(x), self.space.global_pool))
 
     @torch.no_grad()
-    def extract(self, arch: Arch | None = None) -> VisionTransformer:
+    def extract(self, arch: Arch) -> VisionTransformer:
         """The static twin: a plain timm `VisionTransformer` holding copies of `arch`'s slices."""
-        arch = self.space.validate(arch or self.arch)
+        arch = self.space.validate(arch)
         model = build_vit(arch, self.space, self.drop_path_rates[: arch.depth])
         state = {}
         for name, target in model.state_dict().items():
