@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import reprlib
 import socket
 import stat
 import sys
@@ -60,9 +61,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
 
 
+_SHORT_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxtuple, _SHORT_REPR.maxdict = 2, 4, 4, 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 40
+
+
 def excerpt(value: Any, limit: int = 60) -> str:
-    """`repr(value)` cut to `limit` characters: error messages quote user input, never all of it."""
-    text = repr(value)
+    """A repr of `value` of at most `limit` characters, built without expanding it: error messages quote
+    user input, never all of it (a YAML alias bomb expands to gigabytes when printed whole)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
+from hwaware.io import excerpt
 
 __all__ = [
     "Arch", "SearchSpace", "BUILTIN_SPACES", "get_space", "load_space", "load_arch", "released_arch", "resolve_arch",
@@ -34,6 +36,11 @@ class Arch:
     mlp_ratios: tuple[float, ...]
 
     def __post_init__(self):
+        for i, h in enumerate(self.num_heads):
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or h != int(h):
+                raise HwawareError(f"arch: num_heads[{i}] must be a whole number, got {excerpt(h)}")
+        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int):
+            raise HwawareError(f"arch: embed_dim must be an integer, got {excerpt(self.embed_dim)}")
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
         if len(self.num_heads) != len(self.mlp_ratios):
@@ -79,7 +86,7 @@ class Arch:
                 if len(values) != depth:
                     raise HwawareError(f"{source}: {name} has {len(values)} entries but depth is {depth}")
         try:
-            return cls(embed_dim, tuple(int(h) for h in heads), tuple(float(r) for r in ratios))
+            return cls(embed_dim, tuple(heads), tuple(float(r) for r in ratios))
         except (TypeError, ValueError) as exc:
             raise HwawareError(f"{source}: num_heads and mlp_ratio must be numbers ({exc})") from None
 
@@ -123,6 +130,9 @@ class SearchSpace:
     qkv_layout: str = "timm"
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}", self.name):
+            raise HwawareError(f"space: name {excerpt(self.name)} is not a plain name (letters, digits, . _ + -); "
+                               "it names table and export files")
         for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
             values = tuple(sorted(set(getattr(self, name))))
             if not values:
@@ -348,7 +358,7 @@ def _require_int(data: dict, key: str, source: str) -> int:
         raise HwawareError(f"{source}: missing field {key!r}")
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise HwawareError(f"{source}: {key} must be an integer, got {value!r}")
+        raise HwawareError(f"{source}: {key} must be an integer, got {excerpt(value)}")
     return int(value)
 
 
@@ -357,10 +367,10 @@ def _require_list(data: dict, key: str, source: str) -> list:
         raise HwawareError(f"{source}: missing field {key!r}")
     value = data[key]
     if not isinstance(value, (list, tuple)) or not value:
-        raise HwawareError(f"{source}: {key} must be a non-empty list, got {value!r}")
+        raise HwawareError(f"{source}: {key} must be a non-empty list, got {excerpt(value)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise HwawareError(f"{source}: {key} must hold numbers, got {v!r}")
+            raise HwawareError(f"{source}: {key} must hold numbers, got {excerpt(v)}")
     return list(value)
 
 
@@ -441,13 +451,11 @@ def save_arch(arch: Arch, path: str | Path, **extra: Any) -> None:
 
 
 def _read_yaml(path: str | Path) -> Any:
+    """A small YAML file (space, Arch, recipe): FIFOs, devices and files over 1 MiB are refused unread."""
+    from hwaware.io import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise HwawareError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HwawareError(f"{path}: cannot read ({exc})") from None
+    text = read_text_file(path, "yaml", max_bytes=1 << 20)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

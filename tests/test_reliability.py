@@ -100,3 +100,29 @@ def test_version_module_entry_and_a_closed_pipe():
     piped = subprocess.run(f"{sys.executable} -m hwaware space list | head -c 1", shell=True, capture_output=True,
                            text=True, timeout=60)
     assert piped.stderr == ""
+
+
+def test_yaml_inputs_that_would_hang_or_mislead_are_one_line(tmp_path, capsys):
+    bomb = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, 9):
+        bomb += f"{chr(97 + i)}: &{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 9)}]\n"
+    files = {
+        "bomb.yaml": bomb + "embed_dim: *i\ndepth: 1\nnum_heads: [1]\nmlp_ratio: [2]\n",  # 9**9 when printed
+        "heads.yaml": "embed_dim: 32\ndepth: 2\nnum_heads: [1.7, 2]\nmlp_ratio: [2, 2]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for name, message in [("bomb.yaml", "embed_dim must be an integer, got [[[...]"),
+                          ("heads.yaml", "num_heads[0] must be a whole number, got 1.7"),
+                          ("fifo.yaml", "is not a regular file")]:
+        assert main(["cost", "--space", "digits", "--arch", str(tmp_path / name)]) == 2
+        err = one_line(capsys.readouterr().err)
+        assert message in err and len(err) < 300
+
+
+def test_a_space_name_that_would_leave_its_folder_is_refused(tmp_path, capsys):
+    space = tmp_path / "s.yaml"
+    space.write_text('name: "x/../../../escaped"\nembed_dims: [8]\ndepths: [1]\nnum_heads: [1]\nmlp_ratios: [2]\n')
+    assert main(["space", "show", str(space)]) == 2
+    assert "name 'x/../../../escaped' is not a plain name" in one_line(capsys.readouterr().err)
