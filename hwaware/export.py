@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, read_json
+from hwaware.io import as_user_file, atomic_write_text, read_json
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
 from hwaware.precision import DEFAULT_MODE, EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
@@ -418,6 +418,16 @@ def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
         raise HwawareError(f"out: {out_dir} already exists; pass --force to replace it")
     if not (out_dir / CARD_FILE).is_file():
         raise HwawareError(f"out: {out_dir} is not an hwaware export folder (no {CARD_FILE}); refusing to replace it")
+    foreign = sorted(p.name for p in contents if not _written_by_export(p.name))
+    if foreign:
+        raise HwawareError(f"out: {out_dir} also holds {foreign[0]!r}, which export did not write; --force replaces "
+                           "the whole folder, so move it out first")
+
+
+def _written_by_export(name: str) -> bool:
+    """Whether a file or folder of that name in an export folder is one an export writes."""
+    return (name in (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, PLAN_FILE, CARD_FILE, TIMING_CACHE_FILE, "triton")
+            or name == PLAN_FILE + ".json" or re.fullmatch(r"model\.[a-z0-9]+\.onnx", name) is not None)
 
 
 @contextlib.contextmanager
@@ -431,6 +441,7 @@ def staged_folder(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    as_user_file(staging, directory=True)  # mkdtemp's 0700 would hide the export from a Triton container
     try:
         yield staging
         check_out_dir(out_dir, force)  # something may have appeared there meanwhile

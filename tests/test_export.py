@@ -304,6 +304,29 @@ def test_force_never_replaces_a_folder_that_is_not_an_export(tmp_path, model):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
+def test_force_never_deletes_what_a_user_kept_in_an_export_folder(tmp_path, model):
+    out = tmp_path / "m"
+    export_model(model, ARCH, SPACE, out, formats="timm,onnx")
+    (out / "NOTES.txt").write_text("mine")
+    (out / "client_code").mkdir()
+    with pytest.raises(HwawareError, match="also holds 'NOTES.txt', which export did not write"):
+        export_model(model, ARCH, SPACE, out, formats="timm", force=True)
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "client_code").is_dir()
+
+
+def test_an_export_is_readable_under_the_users_umask(tmp_path, model):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export_model(model, ARCH, SPACE, tmp_path / "m", formats="timm,onnx,triton")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "m" / "card.json").stat().st_mode) == 0o644
+
+
 def test_failure_midway_leaves_no_folder(tmp_path, model, monkeypatch):
     import hwaware.export as export_module
 
