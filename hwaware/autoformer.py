@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hwaware.checkpoint import CHECKPOINT_FILE, save_checkpoint, versions
+from hwaware.checkpoint import CHECKPOINT_FILE, load_torch_file, save_checkpoint, versions
 from hwaware.errors import HwawareError
 from hwaware.space import AUTOFORMER_COMPUTE, Arch, SearchSpace, _read_yaml, save_arch
 
@@ -45,23 +43,7 @@ _RENAMES = ((re.compile(r"^patch_embed_super\."), "patch_embed."),
 def read_autoformer_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint as a dict with "model" (a state dict) and "args" (a dict, or None when absent)."""
     path = Path(path)
-    if not path.is_file():
-        raise HwawareError(f"checkpoint: {path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint (not a zip archive)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if "Weights only load failed" in str(exc):
-            what = f" ({found.group(1)})" if found else ""
-            raise HwawareError(f"checkpoint: {path} holds pickled objects other than AutoFormer's{what}; "
-                               "refusing to load it") from None
-        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({reason[:160]})") from None
+    state = load_torch_file(path, admit=(argparse.Namespace,), refused="other than AutoFormer's")
     if isinstance(state, dict) and "model" in state:
         weights, args = state["model"], state.get("args")
     else:  # a bare state dict

@@ -10,6 +10,7 @@ import json
 import pickle
 import platform
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,31 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save({"format": FORMAT, **state}, tmp)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; anything unreadable or foreign is one HwawareError line."""
+def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses") -> Any:
+    """`torch.load(weights_only=True)` with `admit`ted classes and nothing else; a missing, truncated or
+    foreign file is one HwawareError line (`refused` names what the pickled objects are not)."""
     path = Path(path)
     if not path.is_file():
         raise HwawareError(f"checkpoint: {path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is cut short or foreign
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint (not a zip archive)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(admit)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
-            raise HwawareError(f"checkpoint: {path} holds Python objects that weights_only loading refuses; "
-                               "it is not an hwaware supernet checkpoint") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f" ({found.group(1)})" if found else ""
+            raise HwawareError(f"checkpoint: {path} holds pickled objects {refused}{what}; refusing to load it") from None
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({reason[:160]})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An hwaware checkpoint, loaded with `weights_only=True`; anything unreadable or foreign is one line."""
+    state = load_torch_file(path, refused="that weights_only loading refuses: it is not an hwaware checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise HwawareError(f"checkpoint: {path} is not an hwaware supernet checkpoint (no {FORMAT!r} format tag)")
     return state
