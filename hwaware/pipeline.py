@@ -110,7 +110,22 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
             dist.destroy_process_group()
 
 
-def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path, *,
+def _export_arch(arch: str | Arch | None, meta: Mapping[str, Any], space, checkpoint) -> Arch:
+    """The Arch asked for, else the one a fixed-subnet (--arch) run trained; a supernet needs one named."""
+    from hwaware.evaluation import checkpoint_arch
+
+    if isinstance(arch, Arch):
+        return space.validate(arch)
+    if arch is not None:
+        return resolve_arch(arch, space)
+    trained = checkpoint_arch(meta, space)
+    if trained is None:
+        raise HwawareError(f"arch: {checkpoint} is a supernet; name the subnet to export with --arch "
+                           "(a search's best_*.yaml, released, largest, ...)")
+    return trained
+
+
+def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str | Path, *,
                       formats: str = "timm,onnx,triton", precision: str = "fp32", batch_sizes: str = "1,8,32",
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables", data: str | None = None,
@@ -136,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch, out: str | Path,
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
-    arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
+    arch = _export_arch(arch, meta, space, checkpoint)
     data = dataset_of(meta, data)
     card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
     splits = {split: _split_batches(model, data, split, 512) for split in ("val", "test")}

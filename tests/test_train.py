@@ -267,6 +267,19 @@ def test_fixed_run_checkpoint_records_its_arch_for_evaluate(fixed_run, tiny_run,
     assert len(identity["init_sha256"]) == 64 and json.loads(identity["arch"]) == FIXED.to_dict()
 
 
+def test_export_takes_the_fixed_runs_arch_and_needs_one_for_a_supernet(fixed_run, tiny_run, tmp_path, capsys,
+                                                                        monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)  # no project file
+    assert main(["export", "--checkpoint", str(fixed_run / "last.pt"), "--format", "timm", "--out", "m"]) == 0
+    assert json.loads((tmp_path / "m" / "card.json").read_text())["arch"] == FIXED.to_dict()
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tiny_run / "last.pt"), "--format", "timm", "--out", "n"]) == 2
+    assert "is a supernet; name the subnet to export with --arch" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
 def test_fixed_run_bad_input_writes_nothing(tmp_path, tiny_run, capsys):
     outside = tmp_path / "outside.yaml"
     save_arch(replace(FIXED, embed_dim=512), outside)

@@ -56,7 +56,8 @@ def register(sub) -> None:
     export = sub.add_parser("export", help="export a subnet as timm, ONNX, TensorRT and a Triton repository")
     export.add_argument("--checkpoint", help="a trained supernet (RUN/last.pt; default: the project's)")
     export.add_argument("--data", help="dataset for the card's top-1 (default: the one the checkpoint records)")
-    export.add_argument("--arch", required=True, help="largest, smallest, middle or an Arch YAML (e.g. search's best)")
+    export.add_argument("--arch", help="an Arch YAML (e.g. search's best), released, largest, smallest or middle "
+                        "(default: the subnet a train --arch run trained)")
     export.add_argument("--format", default="timm,onnx,triton", help="any of timm,onnx,tensorrt,triton")
     export.add_argument("--out", required=True, help="export folder (refused if it exists, unless --force)")
     export.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
