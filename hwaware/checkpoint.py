@@ -99,10 +99,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
 # ---- the run folder -----------------------------------------------------------------------------
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found
         return None
@@ -125,7 +125,7 @@ def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True)
             previous = json.loads(run_file.read_text())
         except (OSError, ValueError) as exc:
             raise HwawareError(f"out: {run_file} is unreadable ({exc}); choose another --out") from None
-        difference = _first_difference(previous, identity)
+        difference = first_difference(previous, identity)
         if difference:
             raise HwawareError(f"out: {out} holds another run ({difference}); choose another --out or run the same command")
         return

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hwaware.checkpoint import read_checkpoint
+from hwaware.checkpoint import check_finite, read_checkpoint
 from hwaware.data import build_loader
 from hwaware.distributed import parse_device
 from hwaware.errors import HwawareError
@@ -41,6 +41,9 @@ def evaluate(model: nn.Module, arch: Arch, loader, device: str | torch.device = 
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         logits = model(images, arch).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise HwawareError(f"evaluate: subnet {arch.short()} gives non-finite logits (NaN or inf); "
+                               "its weights are broken: retrain, or evaluate another checkpoint")
         ranked = logits.topk(5 if top5 else 1, dim=-1).indices
         hits = ranked == targets[:, None]
         totals[0] += hits[:, 0].sum()
@@ -114,6 +117,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch | None = None, 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HwawareError(f"device: {device} asked for CUDA but none is available")
     model, meta = load_supernet(checkpoint)
+    check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     if arch is None:
         arch = checkpoint_arch(meta, space) or space.largest()

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -36,7 +37,9 @@ from torch import nn
 
 from hwaware.checkpoint import (
     CHECKPOINT_FILE,
+    check_finite,
     claim_run_dir,
+    first_difference,
     read_checkpoint,
     rng_states,
     save_checkpoint,
@@ -47,7 +50,7 @@ from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
-from hwaware.io import atomic_write_text
+from hwaware.io import atomic_write_text, folder_lock
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.supernet import SuperViT
 
@@ -118,6 +121,16 @@ class TrainConfig:
             raise HwawareError(f"batch_size: mixup/cutmix need an even batch size, got {self.batch_size}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise HwawareError(f"amp: {self.amp!r} is not one of auto, bf16, fp16, off")
+        if self.min_lr > self.lr:
+            raise HwawareError(f"min_lr: {self.min_lr:g} is above the peak lr {self.lr:g}")
+        if self.seed < 0:
+            raise HwawareError(f"seed: must be >= 0, got {self.seed}")
+        workers = max(os.cpu_count() or 1, 1) * 4
+        if self.num_workers > workers:
+            raise HwawareError(f"num_workers: {self.num_workers} data-loader processes on {os.cpu_count()} cores; "
+                               f"use at most {workers}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise HwawareError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         return self
 
     def fixed_arch(self, space: SearchSpace) -> Arch | None:
@@ -461,14 +474,34 @@ def train_supernet(config: TrainConfig | None = None, **overrides: Any) -> dict[
         config.fixed_arch(space)  # an Arch outside the space, or a supernet of another, fails here too
         if config.init_from:
             load_supernet(config.init_from, space)
-        if rank == 0:
-            claim_run_dir(out, config.identity(space))
-        if world > 1:
-            dist.barrier()
-        return _run(config, space, out, rank, world, device, train_data, val_data)
+        if _steps_per_epoch(len(train_data), config.batch_size, world, rank) == 0:
+            raise HwawareError(f"batch_size: {config.batch_size} x {world} ranks exceeds the {len(train_data)} "
+                               "training images")
+        with folder_lock(out, "train") if rank == 0 else contextlib.nullcontext():
+            if rank == 0:
+                claim_run_dir(out, config.identity(space))
+            if world > 1:
+                dist.barrier()
+            return _run(config, space, out, rank, world, device, train_data, val_data)
     finally:
         if owned_group:
             dist.destroy_process_group()
+
+
+def _steps_per_epoch(images: int, batch_size: int, world: int, rank: int) -> int:
+    return len(ResumableSampler(images, True, world_size=world, rank=rank)) // batch_size
+
+
+def _check_same_run(state: dict[str, Any], config: TrainConfig, space: SearchSpace, path: Path) -> None:
+    """Refuse a last.pt that another run wrote (copied into this folder): it must have this run's identity."""
+    saved = state.get("config")
+    try:
+        theirs = TrainConfig(**{k: v for k, v in dict(saved).items() if k in TrainConfig.__dataclass_fields__})
+    except (TypeError, ValueError):
+        raise HwawareError(f"checkpoint: {path} holds no readable training config") from None
+    difference = first_difference(theirs.identity(space), config.identity(space))
+    if difference:
+        raise HwawareError(f"checkpoint: {path} was written by another run ({difference}); it cannot be resumed here")
 
 
 def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: int, device: torch.device,
@@ -477,10 +510,10 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
     state = read_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
     if state is not None and state.get("space") != space.to_dict():
         raise HwawareError(f"checkpoint: {checkpoint_path} was trained for another space than {space.name!r}")
+    if state is not None:
+        _check_same_run(state, config, space, checkpoint_path)
     val_loader = build_loader(val_data, space, "val", config.eval_batch_size, num_workers=config.num_workers)
-    steps_per_epoch = len(ResumableSampler(len(train_data), True, world_size=world, rank=rank)) // config.batch_size
-    if steps_per_epoch == 0:
-        raise HwawareError(f"batch_size: {config.batch_size} x {world} ranks exceeds the {len(train_data)} training images")
+    steps_per_epoch = _steps_per_epoch(len(train_data), config.batch_size, world, rank)
     trainer = SupernetTrainer(config, space, steps_per_epoch, device, rank, world)
     epoch, batch, loss_sum, loss_count, seconds, history = 0, 0, 0.0, 0, 0.0, []
     log = _Log(out, rank == 0, config.progress, step=int(state["step"]) if state else 0)
@@ -498,6 +531,7 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
     def checkpoint(complete: bool = False) -> None:
         if rank != 0:
             return
+        check_finite(trainer.model.state_dict(), f"step {trainer.step}")  # never overwrite good weights with NaN
         save_checkpoint(checkpoint_path, {
             **trainer.state_dict(), "rng": rng_states(), "space": space.to_dict(), "data": config.data,
             "config": asdict(config), "arch": trainer.fixed.to_dict() if trainer.fixed else None, "versions": versions(), "epoch": epoch, "batch": batch, "complete": complete,
@@ -515,6 +549,10 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
         for images, targets in loader:
             tick = time.perf_counter()
             loss = trainer.train_step(images, targets)
+            if not math.isfinite(loss):
+                raise HwawareError(f"train: the loss became {loss} at step {trainer.step} (epoch {epoch + 1}, batch "
+                                   f"{batch + 1}); {checkpoint_path} keeps the last good state: lower --lr or set "
+                                   "--clip-grad, then run again in a new --out")
             loss_sum, loss_count, batch = loss_sum + loss, loss_count + 1, batch + 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{trainer.lr:.2e}",

@@ -345,3 +345,47 @@ def test_mixed_precision_step_on_cuda(amp):
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert evaluate(trainer.model, DIGITS.largest(), [(images, labels)], device="cuda")["loss"] < before
     assert trainer.state_dict()["scaler"] or amp == "bf16"  # fp16 checkpoints carry the scaler's scale
+
+
+# ---- hostile input (issue 13) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seed": -1}, "seed: must be >= 0"),
+    ({"min_lr": 1.0, "lr": 0.01}, "min_lr: 1 is above the peak lr 0.01"),
+    ({"device": "mps"}, "device: 'mps' is not auto, cpu, cuda or cuda:N"),
+    ({"num_workers": 100000}, "num_workers: 100000 data-loader processes"),
+    ({"batch_size": 100000}, "batch_size: 100000 x 1 ranks exceeds the 1257 training images"),
+])
+def test_refused_settings_write_nothing_so_the_corrected_command_runs(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(HwawareError, match=message):
+        train_supernet(make_config(**{**TINY, **overrides}, out=str(out)))
+    assert not (out / "run.json").exists() and not (out / "last.pt").exists()
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import math
+
+    real = SupernetTrainer.train_step
+
+    def diverges_at_step_3(self, images, targets):
+        loss = real(self, images, targets)
+        return math.nan if self.step == 3 else loss
+
+    monkeypatch.setattr(SupernetTrainer, "train_step", diverges_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(HwawareError, match="the loss became nan at step 3 .* keeps the last good state"):
+        train_supernet(make_config(**{**TINY, "checkpoint_every": 2}, out=str(out)))
+    model, meta = load_supernet(out / "last.pt")
+    assert meta["step"] == 2 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_last_pt_of_another_run_is_not_resumed(tmp_path, tiny_run):
+    import shutil
+
+    out = tmp_path / "run"
+    train_supernet(make_config(**{**TINY, "epochs": 1}, out=str(out)))  # writes run.json for this run's settings
+    shutil.copy(tiny_run / "last.pt", out / "last.pt")  # ... and a checkpoint of another run
+    with pytest.raises(HwawareError, match="was written by another run \\(epochs: "):
+        train_supernet(make_config(**{**TINY, "epochs": 1}, out=str(out)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from hwaware.cli import bounded
+from hwaware.io import dumps_strict
 
 _TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
                 "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "seed", "checkpoint_every", "num_workers",
@@ -30,7 +32,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data,
                                  batch_size=args.batch_size, device=args.device)
     if args.json:
-        print(json.dumps(result))
+        print(dumps_strict(result))
         return
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     from hwaware.space import Arch
@@ -56,22 +58,22 @@ def register(sub) -> None:
                        "supernet's largest (default on)")
     train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's; "
                        "--arch trains one subnet)")
-    train.add_argument("--num-random", dest="num_random", type=int, help="sandwich: random subnets per step")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
-    train.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine with warm-up)")
-    train.add_argument("--min-lr", dest="min_lr", type=float)
-    train.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
-    train.add_argument("--weight-decay", dest="weight_decay", type=float)
-    train.add_argument("--drop-path", dest="drop_path", type=float)
-    train.add_argument("--clip-grad", dest="clip_grad", type=float, help="max gradient norm (0: off)")
-    train.add_argument("--ema-decay", dest="ema_decay", type=float, help="keep an EMA of the weights (0: off)")
+    train.add_argument("--num-random", dest="num_random", type=bounded(int, 0, 64), help="sandwich: random subnets per step")
+    train.add_argument("--epochs", type=bounded(int, 1, 100000))
+    train.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), help="per process")
+    train.add_argument("--lr", type=bounded(float, 0, 10), help="peak learning rate (AdamW, cosine with warm-up)")
+    train.add_argument("--min-lr", dest="min_lr", type=bounded(float, 0, 10))
+    train.add_argument("--warmup-epochs", dest="warmup_epochs", type=bounded(float, 0, 100000))
+    train.add_argument("--weight-decay", dest="weight_decay", type=bounded(float, 0, 100))
+    train.add_argument("--drop-path", dest="drop_path", type=bounded(float, 0, 0.99))
+    train.add_argument("--clip-grad", dest="clip_grad", type=bounded(float, 0), help="max gradient norm (0: off)")
+    train.add_argument("--ema-decay", dest="ema_decay", type=bounded(float, 0, 0.99999), help="keep an EMA of the weights (0: off)")
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="steps between checkpoints")
-    train.add_argument("--workers", dest="num_workers", type=int, help="data loader processes")
+    train.add_argument("--seed", type=bounded(int, 0))
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=bounded(int, 0), help="steps between checkpoints")
+    train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes")
     train.add_argument("--device", help="auto, cpu, cuda (default auto)")
-    train.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    train.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads for torch (default: torch's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -81,7 +83,7 @@ def register(sub) -> None:
                     "trained, else largest)")
     ev.add_argument("--split", choices=["val", "test"], default="val")
     ev.add_argument("--data", help="dataset spec (default: the one the supernet was trained on)")
-    ev.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    ev.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), default=256)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions 0..1)")
     ev.set_defaults(func=cmd_evaluate)
