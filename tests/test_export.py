@@ -108,10 +108,22 @@ def test_readme_loads_the_model_with_timm_alone(exported, model):
 
 
 def test_readme_runs_the_onnx_file_with_onnxruntime(exported, model):
-    namespace = _run_readme_block("InferenceSession(", exported.out_dir)
+    namespace = _run_readme_block('/model.onnx"', exported.out_dir)
     with torch.no_grad():
         want = model(torch.from_numpy(namespace["images"])).numpy()
     np.testing.assert_allclose(namespace["logits"], want, atol=1e-4)
+
+
+def test_readme_runs_the_int8_model_with_onnxruntime(tmp_path, model, digits):
+    out = tmp_path / "int8"
+    export_model(model, ARCH, SPACE, out, formats="onnx", precision="int8", quantize_mode="dynamic",
+                 sample_inputs=digits)
+    namespace = _run_readme_block("model.int8.onnx", out)
+    with torch.no_grad():
+        want = model(torch.from_numpy(namespace["images"])).numpy()
+    assert namespace["logits"].dtype == np.float32 and namespace["logits"].shape == want.shape
+    cosine = (namespace["logits"] * want).sum() / np.linalg.norm(namespace["logits"]) / np.linalg.norm(want)
+    assert cosine > 0.99
 
 
 # ---- ONNX ----------------------------------------------------------------------------------
