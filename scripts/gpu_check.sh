@@ -89,7 +89,7 @@ FORMATS=timm,onnx,triton
 "$PY" -c "import tensorrt" 2>/dev/null && FORMATS=timm,onnx,tensorrt,triton
 for space in digits t; do
   run "export $space fp16" "$PY" -m hwaware.cli export --checkpoint "$RUNS/$space/last.pt" --arch middle \
-    --format "$FORMATS" --precision fp16 --batch-sizes 1,8,64 --out "$RUNS/export-$space" --force
+    --format "$FORMATS" --precision fp16 --batch-sizes 1,8,64 --out "$RUNS/export-$space" --tables "$TABLES" --force
   run "bench $space torch b1" "$PY" -m hwaware.cli bench "$RUNS/export-$space" --device "$DEVICE" --backend torch \
     --batch 1 --tables "$TABLES"
 done
@@ -101,7 +101,7 @@ if "$PY" -c "import tensorrt" 2>/dev/null; then
   for precision in int8 fp8; do  # autoformer-t computes with relative position encoding: its TensorRT path too
     run "export t $precision tensorrt" "$PY" -m hwaware.cli export --checkpoint "$RUNS/t/last.pt" --arch middle \
       --format onnx,tensorrt,triton --precision "$precision" --quantize-mode static --calibration-images 128 \
-      --batch-sizes 1,8,64 --out "$RUNS/export-t-$precision" --force
+      --batch-sizes 1,8,64 --out "$RUNS/export-t-$precision" --tables "$TABLES" --force
   done
   run "tensorrt int8 b1 table" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
     --backend tensorrt --precision int8 --batch 1 --out "$TABLES" "${QUICK[@]}"
