@@ -20,7 +20,7 @@ from hwaware.errors import HwawareError
 from hwaware.space import Arch, SearchSpace
 from hwaware.supernet import SuperViT
 
-__all__ = ["evaluate", "load_supernet", "evaluate_checkpoint", "checkpoint_arch"]
+__all__ = ["evaluate", "load_supernet", "evaluate_checkpoint", "dataset_of", "checkpoint_arch"]
 
 
 @torch.no_grad()
@@ -97,6 +97,14 @@ def load_supernet(checkpoint_path: str | Path, space: SearchSpace | None = None,
     return model, meta
 
 
+def dataset_of(meta: dict[str, Any], data: str | None) -> str:
+    """The dataset to score on: `data` if given, else the one the checkpoint records."""
+    spec = data or meta.get("data")
+    if not spec:
+        raise HwawareError("data: the checkpoint records no dataset (an imported supernet?); pass --data")
+    return spec
+
+
 def checkpoint_arch(meta: dict[str, Any], space: SearchSpace) -> Arch | None:
     """The subnet a fixed-subnet run trained (its checkpoint's "arch"), validated; None for a supernet."""
     if meta.get("arch") is None:
@@ -122,7 +130,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch | None = None, 
     if arch is None:
         arch = checkpoint_arch(meta, space) or space.largest()
     arch = space.validate(arch) if isinstance(arch, Arch) else resolve_arch(arch, space)
-    data = data or meta["data"]
+    data = dataset_of(meta, data)
     loader = build_loader(data, space, split, batch_size, num_workers=num_workers, rank=0, world_size=1)
     result = evaluate(model.to(device), arch, loader, device, distributed=False)
     return {**result, "arch": arch.to_dict(), "split": split, "data": data, "space": space.name,

@@ -39,7 +39,7 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import as_user_file, atomic_write_text, read_json
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
-from hwaware.precision import DEFAULT_MODE, EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
+from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
 from hwaware.space import Arch, SearchSpace
 
@@ -474,6 +474,9 @@ def preflight(
     spec = _check_precision(precision)
     wanted = parse_formats(formats)
     check_out_dir(out_dir, force)
+    if spec.quantized and not ONNX_FORMATS & set(wanted):
+        raise HwawareError(f"precision: {precision} ships as a quantized ONNX model (the timm weights stay float); "
+                           "add the onnx format")
     if ("onnxruntime", "cpu") not in spec.runs_on and spec.quantized:
         if "tensorrt" not in wanted:
             raise HwawareError(f"precision: {precision} runs only with {spec.where()}; add the tensorrt format")
@@ -508,7 +511,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     onnx_dynamo: bool = False,
     timing_cache: str | Path | None = None,
-    quantize_mode: str = DEFAULT_MODE,
+    quantize_mode: str | None = None,
     calibration_inputs: torch.Tensor | None = None,
     accuracy_batches: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     max_accuracy_drop: float | None = None,
@@ -537,6 +540,10 @@ def export_model(
     for warning in result_warnings:
         log.warning(warning)
     batch_sizes = parse_batch_sizes(batch_sizes)
+    if get_precision(precision).quantized:  # None: the default tables use too (static where TensorRT reads it)
+        quantize_mode = check_mode(precision, quantize_mode, "tensorrt" in wanted)
+    elif quantize_mode is not None:
+        raise HwawareError(f"quantize: {precision} is not quantized; a quantize mode needs int8 or fp8")
     card_extra = _check_inputs(model, arch, space, card_extra, precision, quantize_mode, calibration_inputs,
                                sample_inputs, accuracy_batches, max_accuracy_drop)
     sample_inputs = _checked_images("sample inputs", sample_inputs, space)
@@ -583,7 +590,7 @@ def _check_inputs(model, arch, space, card_extra, precision, quantize_mode, cali
     card_extra = dict(card_extra or {})
     _check_extra(card_extra)
     if get_precision(precision).quantized:
-        if check_mode(precision, quantize_mode) == "static" and calibration_inputs is None:
+        if quantize_mode == "static" and calibration_inputs is None:
             raise HwawareError(f"quantize: static {precision} needs calibration images (real training images); "
                                "pass calibration_inputs")
         if calibration_inputs is None and sample_inputs is None:

@@ -11,6 +11,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -150,13 +151,16 @@ def folder_lock(folder: str | Path, command: str, name: str = LOCK_FILE) -> Iter
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text() or "{}")
+                age = time.time() - lock.stat().st_mtime
             except (OSError, ValueError):
-                holder = {}
+                holder, age = {}, 0.0
             pid = holder.get("pid") if isinstance(holder, dict) else None
+            if not isinstance(pid, int) and age < 10:  # just created, its owner is still writing it: not ours
+                raise HwawareError(f"out: {folder} is being claimed by another hwaware process; try again") from None
             if isinstance(pid, int) and (holder.get("host") != me["host"] or _alive(pid)):
                 raise HwawareError(f"out: {folder} is in use by hwaware {holder.get('command', '?')} (pid {pid} on "
                                    f"{holder.get('host')}); wait for it to finish or stop it") from None
-            lock.unlink(missing_ok=True)  # a dead process's lock (or a torn one): take it over
+            lock.unlink(missing_ok=True)  # a dead process's lock (or one torn long ago): take it over
             continue
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me))

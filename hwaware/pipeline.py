@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -37,16 +38,10 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
     loaded.check_space(space)
     if device is not None and loaded.device != device:
         raise HwawareError(f"latency table: {path} was measured on device {loaded.device!r}, not {device!r}")
+    if precision is not None and loaded.precision != precision:
+        raise HwawareError(f"latency table: {path} prices {loaded.precision}, not {precision}")
     warn_if_other_host(loaded)
     return loaded
-
-
-def dataset_of(meta: Mapping[str, Any], data: str | None) -> str:
-    """The dataset to score on: `data` if given, else the one the checkpoint records."""
-    spec = data or meta.get("data")
-    if not spec:
-        raise HwawareError("data: the checkpoint records no dataset (an imported supernet?); pass --data")
-    return spec
 
 
 def _split_batches(model, data: str, split: str, batch_size: int) -> list:
@@ -71,7 +66,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
 
     from hwaware.checkpoint import check_finite
     from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import evaluate, load_supernet
+    from hwaware.evaluation import dataset_of, evaluate, load_supernet
     from hwaware.search import (
         STATE_FILE,
         EvolutionSearch,
@@ -135,19 +130,17 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
 
     With `table_optional` (the device came from the project file, not the user) a missing table
     means no predicted latency on the card rather than an error. A quantized `precision` (int8, fp8)
-    is calibrated on `calibration_images` training images (static mode), its float and quantized
-    top-1 go on the card, and it is refused past `max_accuracy_drop` points. `quantize_mode` defaults
-    to static Q/DQ when TensorRT is among the formats, else dynamic.
+    is quantized in the mode its latency table's pieces were (else `hwaware.precision.default_mode`),
+    calibrated on `calibration_images` training images (static mode); its float and quantized top-1
+    go on the card, and it is refused past `max_accuracy_drop` points.
     """
     from hwaware.checkpoint import check_finite
-    from hwaware.evaluation import evaluate, load_supernet
-    from hwaware.export import export_model, parse_formats, preflight
-    from hwaware.precision import default_mode, get_precision
+    from hwaware.evaluation import dataset_of, evaluate, load_supernet
+    from hwaware.export import export_model, preflight
+    from hwaware.precision import check_mode, get_precision
 
-    preflight(out, formats, force, precision)  # unknown formats, a taken folder: refused before the checkpoint loads
+    wanted, _ = preflight(out, formats, force, precision)  # bad formats, a taken folder: refused before loading
     quantized = get_precision(precision).quantized
-    if quantized and quantize_mode is None:
-        quantize_mode = default_mode("tensorrt" in parse_formats(formats))
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
@@ -168,16 +161,28 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     if latency is not None:
         card.update(predicted_latency_ms=latency.predict(arch), latency_table=str(latency.path),
                     latency_batch_size=latency.batch_size)
-    options: dict[str, Any] = {}
+    calibration = None
     if quantized:
-        from hwaware.quantize import calibration_images as training_images
+        quantize_mode = check_mode(precision, quantize_mode or _table_mode(latency, "tensorrt" in wanted),
+                                   "tensorrt" in wanted)
+        if latency is not None and _table_mode(latency, False) not in (None, quantize_mode):
+            _log(f"hwaware export: warning: {latency.path} priced {precision} {_table_mode(latency, False)} pieces; "
+                 f"this export is {precision} {quantize_mode}, so its predicted latency is for another graph")
+        if quantize_mode == "static":
+            from hwaware.quantize import calibration_images as training_images
 
-        options = {"quantize_mode": quantize_mode, "accuracy_batches": splits, "max_accuracy_drop": max_accuracy_drop,
-                   "calibration_inputs": training_images(data, space, calibration_images)
-                   if quantize_mode == "static" else None}
+            calibration = training_images(data, space, calibration_images)
     with export_lock(out):
         return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
-                            card_extra=card, sample_inputs=splits["test"][0][0][:32], **options)
+                            card_extra=card, sample_inputs=splits["test"][0][0][:32], quantize_mode=quantize_mode,
+                            calibration_inputs=calibration, accuracy_batches=splits if quantized else None,
+                            max_accuracy_drop=max_accuracy_drop)
+
+
+def _table_mode(table, for_tensorrt: bool) -> str | None:
+    """How the table's pieces were quantized (None for float tables); TensorRT can only take static."""
+    mode = table.quantize_mode if table is not None else None
+    return "static" if for_tensorrt and mode == "dynamic" else mode
 
 
 @contextlib.contextmanager
@@ -186,8 +191,9 @@ def export_lock(out: str | Path):
     which export replaces whole; holding it, staging folders left by killed exports are cleared away."""
     out = Path(out)
     with folder_lock(out.parent, "export", f".{out.name}.hwaware.lock"):
-        for stale in out.parent.glob(f".{out.name}.*"):
-            if stale.is_dir() and stale.suffix in (".tmp", ".old"):
+        staging = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")  # tempfile.mkdtemp's names
+        for stale in out.parent.iterdir():
+            if stale.is_dir() and staging.fullmatch(stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
         yield
 
@@ -221,7 +227,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     backend = backend or (latency.backend if latency else profile.backend)
     precision = latency.precision if latency else (precision or profile.precision)
     batch_size = batch_size or (latency.batch_size if latency else profile.batch_sizes[0])
-    runner_backend = resolve_backend(profile, backend, precision, settings.threads)
+    runner_backend = resolve_backend(profile, backend, precision, settings.threads,
+                                     latency.quantize_mode if latency else None)
     x = torch.randn(batch_size, space.in_chans, space.img_size, space.img_size)
     if backend == "torch":
         runner = runner_backend.prepare(load_model(export_dir), x)
@@ -261,7 +268,7 @@ def _served_onnx(card: dict[str, Any], precision: str, table) -> str:
     if not get_precision(precision).quantized:
         return ONNX_FILE
     shipped = (card.get("quantized") or {}).get("mode")
-    priced = ((table.meta.get("backend_settings") or {}).get("quantize_mode")) if table is not None else None
+    priced = table.quantize_mode if table is not None else None
     if shipped and priced and shipped != priced:
         _log(f"hwaware bench: warning: the export is {precision} {shipped}, the table's pieces {precision} {priced}; "
              "the prediction is for another graph")

@@ -53,7 +53,6 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 # How an int8 graph is quantized (hwaware.quantize): Q/DQ nodes calibrated on images, or ONNX Runtime's
 # dynamic MatMulInteger; a table and an export made for each other use the same mode.
 QUANT_MODES = ("static", "dynamic")
-DEFAULT_MODE = "static"
 # What `hwaware export --precision` writes: float ONNX graphs, and quantized ones beside the float one.
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
@@ -85,18 +84,23 @@ def check_runs(name: str, backend: str, device_kind: str, device_name: str = "",
     return precision
 
 
-def default_mode(for_tensorrt: bool) -> str:
-    """Static Q/DQ where TensorRT must read the graph (it takes nothing else); dynamic where ONNX Runtime on
-    the CPU serves it: on digits it lost at most 0.37 test points where static lost up to 1.85, and on
-    AutoFormer-T it ran as fast (0.434x against 0.436x fp32)."""
-    return "static" if for_tensorrt else "dynamic"
+def default_mode(precision: str, for_tensorrt: bool) -> str:
+    """The one default for tables and exports alike: static Q/DQ where TensorRT must read the graph (it takes
+    nothing else) and for fp8; dynamic int8 where ONNX Runtime on the CPU serves it: on digits it lost at
+    most 0.37 test points where static lost up to 1.85, and on AutoFormer-T it ran as fast (0.434x against
+    0.436x fp32)."""
+    return "static" if for_tensorrt or precision != "int8" else "dynamic"
 
 
-def check_mode(precision: str, mode: str) -> str:
+def check_mode(precision: str, mode: str | None, for_tensorrt: bool = False) -> str:
+    """`mode` (None: `default_mode`) if it can quantize `precision`, else one line saying why not."""
+    mode = mode or default_mode(precision, for_tensorrt)
     if not get_precision(precision).quantized:
         raise HwawareError(f"quantize: {precision} is not a quantized precision")
     if mode not in QUANT_MODES:
         raise HwawareError(f"quantize: mode {mode!r} is not one of {', '.join(QUANT_MODES)}")
     if mode == "dynamic" and precision != "int8":
         raise HwawareError(f"quantize: dynamic quantization is int8 only; {precision} needs static Q/DQ")
+    if mode == "dynamic" and for_tensorrt:
+        raise HwawareError("quantize: TensorRT takes explicit Q/DQ graphs only; use quantize mode static")
     return mode

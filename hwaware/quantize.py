@@ -6,14 +6,14 @@ quantizes the raw exported graph (the transformers optimizer's fused graph fails
 quantizer's shape inference) and writes the result atomically.
 
 Modes:
-- `static` (default): explicit QuantizeLinear/DequantizeLinear around MatMul, Gemm and Conv, weights
+- `static` (the default with TensorRT, and for fp8): explicit QuantizeLinear/DequantizeLinear around MatMul, Gemm and Conv, weights
   int8 per output channel, activations int8 symmetric with scales calibrated (min/max) on real
   inputs. Symmetric int8 with zero points of 0 is what TensorRT's explicit quantization takes, so
   one file serves ONNX Runtime and TensorRT. Only the matmuls and the patch-embedding conv are
   quantized: quantizing every op (LayerNorm, Softmax, GELU too) made AutoFormer-T slower than fp32 on
   ONNX Runtime's CPU kernels (1.23x fp32 against 0.89x for matmuls only, 1 thread, batch 1, 20
   interleaved runs, when this was chosen).
-- `dynamic`: int8 weights, activations quantized at run time (no calibration), after the
+- `dynamic` (the default for int8 on ONNX Runtime's CPU, see `hwaware.precision.default_mode`): int8 weights, activations quantized at run time (no calibration), after the
   quantizer's own pre-processing (shape inference, constant folding): without it ONNX Runtime
   does not fuse MatMulInteger and the model ran slower than fp32. CPU only (TensorRT needs Q/DQ).
 FP8 is static E4M3 Q/DQ (ONNX opset 19), for TensorRT on compute capability 8.9+.
@@ -37,7 +37,7 @@ import torch
 
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_path
-from hwaware.precision import DEFAULT_MODE, check_mode
+from hwaware.precision import check_mode
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_CALIBRATION_COUNT = 256
@@ -86,7 +86,7 @@ def _calibration_array(calibration: torch.Tensor | np.ndarray | None, dims: list
     return array
 
 
-def quantize_onnx(float_path: str | Path, out_path: str | Path, precision: str = "int8", mode: str = DEFAULT_MODE,
+def quantize_onnx(float_path: str | Path, out_path: str | Path, precision: str = "int8", mode: str | None = None,
                   calibration: torch.Tensor | np.ndarray | None = None) -> dict[str, Any]:
     """Quantize the fp32 ONNX file `float_path` into `out_path` (atomically); returns how, for a card or sidecar.
 
@@ -102,7 +102,7 @@ def quantize_onnx(float_path: str | Path, out_path: str | Path, precision: str =
         quantize_static,
     )
 
-    check_mode(precision, mode)
+    mode = check_mode(precision, mode)
     input_name, dims = _input_spec(float_path)
     how: dict[str, Any] = {"precision": precision, "mode": mode, "quantized_ops": list(QUANTIZED_OPS),
                            "tool": f"onnxruntime.quantization {_ort_version()}"}

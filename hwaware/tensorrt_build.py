@@ -73,6 +73,17 @@ def present_environment(gpu_index: int | None = None) -> dict[str, str]:
     return {"gpu": gpu["gpu"], "compute_capability": gpu["compute_capability"], "tensorrt_version": trt.__version__}
 
 
+def _use_gpu(index: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(index)
+    else:
+        from hwaware.latency.cuda_runtime import use_device
+
+        use_device(index)
+
+
 def _current_gpu_index() -> int:
     import torch
 
@@ -131,6 +142,7 @@ def build_plan(
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     timing_cache: str | Path | None = None,
     workspace_bytes: int = 4 << 30,
+    gpu_index: int | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """The one TensorRT builder: a serialized engine for `onnx_path` and its build metadata.
 
@@ -145,7 +157,9 @@ def build_plan(
     if not batch_sizes or min(batch_sizes) < 1:
         raise HwawareError(f"batch sizes: need positive sizes, got {list(batch_sizes)}")
     trt = _tensorrt()
-    environment = present_environment()
+    if gpu_index is not None:
+        _use_gpu(gpu_index)  # TensorRT builds for the current CUDA device
+    environment = present_environment(gpu_index)
     capability = tuple(int(p) for p in environment["compute_capability"].split("."))
     spec = check_runs(precision, "tensorrt", "cuda", environment["gpu"], capability)  # fp8: 8.9+ only
     logger = trt.Logger(trt.Logger.WARNING)

@@ -50,7 +50,7 @@ from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
-from hwaware.io import atomic_write_text, folder_lock
+from hwaware.io import atomic_write_text, excerpt, folder_lock, read_text_file
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.supernet import SuperViT
 
@@ -208,12 +208,12 @@ def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
         values = dict(RECIPES[recipe])
     else:
         path = Path(recipe)
+        if not path.exists():
+            raise HwawareError(f"recipe: {excerpt(recipe)} is neither a built-in recipe ({', '.join(RECIPES)}) nor a file")
         try:
-            values = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise HwawareError(f"recipe: {recipe!r} is neither a built-in recipe ({', '.join(RECIPES)}) nor a file") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise HwawareError(f"recipe: {path}: cannot read ({str(exc).splitlines()[0]})") from None
+            values = yaml.safe_load(read_text_file(path, "recipe", max_bytes=1 << 20))
+        except yaml.YAMLError as exc:
+            raise HwawareError(f"recipe: {path}: malformed YAML ({str(exc).splitlines()[0][:120]})") from None
         if not isinstance(values, dict):
             raise HwawareError(f"recipe: {path}: expected a mapping of training settings")
     known = {f.name: f.type for f in fields(TrainConfig)}

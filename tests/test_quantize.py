@@ -16,7 +16,7 @@ from hwaware.errors import HwawareError
 from hwaware.export import export_model, preflight
 from hwaware.latency import devices
 from hwaware.latency.backends import get_backend
-from hwaware.precision import PRECISIONS, check_runs
+from hwaware.precision import PRECISIONS, check_mode, check_runs
 from hwaware.quantize import check_accuracy_drop, quantize_onnx
 from hwaware.space import BUILTIN_SPACES, Arch
 from hwaware.supernet import SuperViT
@@ -138,7 +138,8 @@ def test_calibration_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path, 
 
 def test_int8_pieces_have_the_quantized_ops_of_the_whole_model(tmp_path, model):
     """The table sums pieces; each piece must carry the Q/DQ nodes it has inside the quantized whole model."""
-    backend = get_backend("onnxruntime", precision="int8", threads=1)
+    assert get_backend("onnxruntime", precision="int8", threads=1).quantize_mode == "dynamic"  # the CPU default
+    backend = get_backend("onnxruntime", precision="int8", threads=1, quantize_mode="static")
     totals: collections.Counter = collections.Counter()
     pieces = [Piece("stem", 48), *(Piece("block", 48, h, r) for h, r in zip(ARCH.num_heads, ARCH.mlp_ratios)),
               Piece("head", 48)]
@@ -164,7 +165,7 @@ def test_int8_export_ships_the_quantized_model_with_its_accuracy(tmp_path, model
     batches = {"val": [(images[:80], labels[:80])], "test": [(images[80:], labels[80:])]}
     result = export_model(model, ARCH, SPACE, tmp_path / "e", formats="timm,onnx,triton", precision="int8",
                           batch_sizes=(1, 4), calibration_inputs=images[:64], sample_inputs=images[80:112],
-                          accuracy_batches=batches, max_accuracy_drop=100.0)
+                          accuracy_batches=batches, max_accuracy_drop=100.0, quantize_mode="static")
     q = result.card["quantized"]
     assert q["file"] == "model.int8.onnx" and q["mode"] == "static" and q["calibration_count"] == 64
     for split in ("val", "test"):
@@ -200,15 +201,23 @@ def test_a_quantized_model_that_loses_too_much_is_not_shipped(tmp_path, model, d
 def test_quantized_export_bad_input_is_one_line(tmp_path, model, digits):
     images, labels = digits
     with pytest.raises(HwawareError, match="static int8 needs calibration images"):
-        export_model(model, ARCH, SPACE, tmp_path / "a", formats="onnx", precision="int8")
+        export_model(model, ARCH, SPACE, tmp_path / "a", formats="onnx", precision="int8", quantize_mode="static")
+    with pytest.raises(HwawareError, match="int8 is checked on real images; pass sample_inputs"):
+        export_model(model, ARCH, SPACE, tmp_path / "a", formats="onnx", precision="int8")  # dynamic: the CPU default
     with pytest.raises(HwawareError, match=r"calibration data: expected shape \[N, 1, 8, 8\]"):
-        export_model(model, ARCH, SPACE, tmp_path / "b", formats="onnx", precision="int8",
+        export_model(model, ARCH, SPACE, tmp_path / "b", formats="onnx", precision="int8", quantize_mode="static",
                      calibration_inputs=torch.zeros(4, 3, 8, 8))
     with pytest.raises(HwawareError, match="a maximum accuracy drop needs labelled batches"):
         export_model(model, ARCH, SPACE, tmp_path / "c", formats="onnx", precision="int8",
                      calibration_inputs=images[:8], max_accuracy_drop=0.5)
     with pytest.raises(HwawareError, match="fp32 is not quantized"):
         export_model(model, ARCH, SPACE, tmp_path / "d", formats="onnx", max_accuracy_drop=0.5)
+    with pytest.raises(HwawareError, match="fp32 is not quantized; a quantize mode needs int8 or fp8"):
+        export_model(model, ARCH, SPACE, tmp_path / "d", formats="onnx", quantize_mode="dynamic")
+    with pytest.raises(HwawareError, match="int8 ships as a quantized ONNX model .* add the onnx format"):
+        preflight(tmp_path / "d", "timm", precision="int8")
+    with pytest.raises(HwawareError, match="TensorRT takes explicit Q/DQ graphs only"):
+        check_mode("int8", "dynamic", for_tensorrt=True)
     with pytest.raises(HwawareError, match="fp8 runs only with tensorrt on a GPU"):
         preflight(tmp_path / "e", "onnx", precision="fp8")
     assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,8 @@ from hwaware.precision import EXPORT_PRECISIONS, PRECISIONS, QUANT_MODES
 def cmd_export(args: argparse.Namespace) -> None:
     from hwaware.pipeline import export_checkpoint
 
-    filled = fill_from_project(args, "export", {"checkpoint": "checkpoint", "device": "device", "tables": "tables"},
-                               required=("checkpoint",))
+    flags = {"checkpoint": "checkpoint", "tables": "tables", **({"device": "device"} if args.table is None else {})}
+    filled = fill_from_project(args, "export", flags, required=("checkpoint",))
     args.tables = args.tables or "latency_tables"
     result = export_checkpoint(args.checkpoint, args.arch, args.out, formats=args.format, precision=args.precision,
                                batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,

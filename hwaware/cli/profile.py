@@ -50,12 +50,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from hwaware.latency.profile import profile_device
 
         with folder_lock(args.out, "profile"):
-            from hwaware.precision import default_mode
-
-            mode = args.quantize_mode or default_mode((args.backend or profile.backend) == "tensorrt")
             path = profile_device(args.device, args.space, backend=args.backend, precision=args.precision,
                                   batch=args.batch, out=args.out, seed=args.seed or 0, settings=settings,
-                                  progress=not args.quiet, force=args.force, quantize_mode=mode)
+                                  progress=not args.quiet, force=args.force, quantize_mode=args.quantize_mode)
     from hwaware.latency.table import LatencyTable
 
     table = LatencyTable.load(path)

@@ -23,8 +23,10 @@ def cmd_search(args: argparse.Namespace) -> None:
     from hwaware.pipeline import search_checkpoint
     from hwaware.search import summary_table
 
-    fill_from_project(args, "search", {"checkpoint": "checkpoint", "device": "device", "tables": "tables",
-                                       "outputs": "outputs"}, required=("checkpoint",))
+    flags = {"checkpoint": "checkpoint", "tables": "tables", "outputs": "outputs"}
+    if args.table is None and args.latency_ms is not None:  # the project's device prices latency budgets only
+        flags["device"] = "device"
+    fill_from_project(args, "search", flags, required=("checkpoint",))
     budgets = {k: getattr(args, k) for k in BUDGET_FLAGS}
     args.out = args.out or default_out(args.outputs, budgets)
     args.tables = args.tables or "latency_tables"

@@ -22,6 +22,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
     row = train_supernet(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        from pathlib import Path
+
+        from hwaware.project import PROJECT_FILE, remember
+
+        remember(space=args.space, checkpoint=Path(config.out) / "last.pt")
+        print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
         print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 {val_summary(row)}; "
               f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
 

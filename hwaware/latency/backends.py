@@ -20,7 +20,7 @@ from torch import nn
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write
 from hwaware.onnx_writer import write_onnx
-from hwaware.precision import DEFAULT_MODE, check_mode, check_runs
+from hwaware.precision import check_mode, check_runs
 from hwaware.quantize import quantize_onnx, quantized_file_name
 
 EXPORTER = "torch.onnx TorchScript (dynamo=False), dynamic batch"
@@ -80,16 +80,26 @@ class Backend:
     name = ""
 
     def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                 quantize_mode: str = DEFAULT_MODE):
+                 quantize_mode: str | None = None):
         self.device, self.precision, self.threads = device, precision, threads
-        self.spec = check_runs(precision, self.name, "cuda" if self.on_gpu else "cpu")
-        self.quantize_mode = check_mode(precision, quantize_mode) if self.spec.quantized else None
+        self.spec = check_runs(precision, self.name, "cuda" if self.on_gpu else "cpu", device, self._capability())
+        self.quantize_mode = (check_mode(precision, quantize_mode, self.name == "tensorrt") if self.spec.quantized
+                              else None)
         if self.on_gpu and self.needs_torch_cuda and not torch.cuda.is_available():
             raise HwawareError(f"backend {self.name}: device {device} requested but torch cannot use it "
                                "(no CUDA build, or none with kernels for this GPU); the onnxruntime and tensorrt "
                                "backends time it without torch")
 
     needs_torch_cuda = True  # the ONNX-serving backends override this: pieces are exported on the CPU
+
+    def _capability(self) -> tuple[int, int] | None:
+        """The compute capability of this backend's GPU (nvidia-smi), for precisions that need one (fp8)."""
+        if not self.on_gpu:
+            return None
+        from hwaware.latency.host import gpus
+
+        cc = next((g["compute_capability"] for g in gpus() if g["index"] == self.gpu_index), None)
+        return tuple(int(p) for p in cc.split(".")) if cc else None
 
     @property
     def gpu_index(self) -> int:
@@ -128,7 +138,7 @@ class OnnxRuntimeBackend(Backend):
     needs_torch_cuda = False
 
     def __init__(self, device: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                 quantize_mode: str = DEFAULT_MODE):
+                 quantize_mode: str | None = None):
         self.ort = require("onnxruntime")
         super().__init__(device, precision, threads, quantize_mode)
         if self.on_gpu and "CUDAExecutionProvider" not in self.ort.get_available_providers():
@@ -239,18 +249,17 @@ class TensorRTBackend(Backend):
     needs_torch_cuda = False
 
     def __init__(self, device: str = "cuda", precision: str = "fp16", threads: int | None = None,
-                 timing_cache: str | Path | None = None, quantize_mode: str = DEFAULT_MODE):
+                 timing_cache: str | Path | None = None, quantize_mode: str | None = None):
         self.trt = require("tensorrt")
         super().__init__(device if device.startswith("cuda") else "cuda", precision, threads, quantize_mode)
-        if self.quantize_mode == "dynamic":
-            raise HwawareError("backend tensorrt: takes explicit Q/DQ graphs only; use quantize mode static")
         self.timing_cache = Path(timing_cache) if timing_cache else None
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
 
     def prepare_onnx(self, onnx_path, example):
         from hwaware.tensorrt_build import build_plan
 
-        plan, _ = build_plan(onnx_path, self.precision, (int(example.shape[0]),), self.timing_cache)
+        plan, _ = build_plan(onnx_path, self.precision, (int(example.shape[0]),), self.timing_cache,
+                             gpu_index=self.gpu_index)
         return self.load_plan(plan, example)
 
     def load_plan(self, plan: bytes, example: torch.Tensor):

@@ -32,12 +32,17 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
+def use_device(index: int) -> None:
+    """Make GPU `index` the current CUDA device of this thread (what TensorRT builds and runs on)."""
+    _check(_cudart().cudaSetDevice(index))
+
+
 class DeviceArray:
     """A device buffer holding `array` (or `nbytes` of uninitialised memory), freed with the object."""
 
     def __init__(self, array: np.ndarray | None = None, nbytes: int = 0, device: int = 0):
         self.rt = _cudart()
-        _check(self.rt.cudaSetDevice(device))
+        use_device(device)
         self.nbytes = array.nbytes if array is not None else nbytes
         self.ptr = int(_check(self.rt.cudaMalloc(self.nbytes)))
         if array is not None:
@@ -56,6 +61,10 @@ class EventTimer:
     def __init__(self):
         self.rt = _cudart()
         self.stream = _check(self.rt.cudaStreamCreate())
+
+    def __del__(self):
+        if getattr(self, "stream", None) is not None:
+            self.rt.cudaStreamDestroy(self.stream)
 
     def time(self, run, repeats: int) -> list[float]:
         events = [(_check(self.rt.cudaEventCreate()), _check(self.rt.cudaEventCreate())) for _ in range(repeats)]

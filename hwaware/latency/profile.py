@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text
+from hwaware.io import atomic_write_text, read_json
 from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved
 from hwaware.latency.table import COLUMNS, Calibration, LatencyTable, table_name, validation_metrics
-from hwaware.precision import DEFAULT_MODE, check_runs
+from hwaware.precision import check_runs
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.vit import Piece, build_piece, build_vit, piece_input
 
@@ -129,8 +129,8 @@ class Profiler:
 
     def _start_or_resume(self) -> list[dict]:
         if self.run_info_path.exists():
-            info = json.loads(self.run_info_path.read_text())
-            if info.get("config") != self.config():
+            info = read_json(self.run_info_path, f"profile: {self.run_info_path} vanished")
+            if not isinstance(info, dict) or info.get("config") != self.config():
                 raise HwawareError(
                     f"profile: {self.log.path} is a partial run with other settings ({self.run_info_path}); "
                     f"rerun with those settings to resume it, or delete both files to start over")
@@ -336,7 +336,7 @@ def _now() -> str:
 
 
 def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,
-                    quantize_mode: str = DEFAULT_MODE) -> Backend:
+                    quantize_mode: str | None = None) -> Backend:
     """The backend object for a present device of `profile` (raises if the device is absent, or cannot run
     the precision with that backend: fp8 on a GPU below compute capability 8.9, int8 with torch)."""
     present = find_present(profile)
@@ -355,7 +355,7 @@ def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str 
 def profile_device(device: str, space: str | SearchSpace, backend: str | None = None, precision: str | None = None,
                    batch: int | None = None, out: str | Path = "latency_tables", seed: int = 0,
                    settings: MeasureSettings | None = None, progress: bool = True, force: bool = False,
-                   quantize_mode: str = DEFAULT_MODE) -> Path:
+                   quantize_mode: str | None = None) -> Path:
     """Profile `space` on the present `device`; resumes a partial run; returns the finished table's path.
 
     int8/fp8 time every piece and subnet quantized in `quantize_mode` (see `hwaware.quantize`);

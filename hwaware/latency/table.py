@@ -125,6 +125,8 @@ class LatencyTable:
     batch_size = property(lambda self: int(self.meta["batch_size"]))
     estimated = property(lambda self: bool(self.meta.get("estimated", False)))
     validation = property(lambda self: self.meta.get("validation") or {})
+    # how int8/fp8 pieces were quantized (hwaware.quantize); None for float tables
+    quantize_mode = property(lambda self: (self.meta.get("backend_settings") or {}).get("quantize_mode"))
 
     @property
     def space(self) -> SearchSpace:
@@ -205,7 +207,7 @@ class LatencyTable:
         if csv_path.name != expected:
             raise HwawareError(f"latency table: {csv_path.name} holds {expected} by its sidecar (renamed?); "
                                "a table's name must say what it measured")
-        data = csv_path.read_bytes()
+        data = read_text_file(csv_path, "latency table").encode()
         if hashlib.sha256(data).hexdigest() != meta.get("csv_sha256"):
             raise HwawareError(f"latency table: {csv_path} does not match its sidecar's checksum (truncated or edited); "
                                f"profile again")

@@ -1,0 +1,9 @@
+"""Every test runs in a fresh empty folder: a project file (hwaware.yaml) or tables a developer keeps in the
+checkout cannot change what a test sees, and nothing a test writes by relative path lands in the checkout."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _in_an_empty_folder(tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
