@@ -72,3 +72,14 @@ def test_profile_takes_space_and_tables_from_the_project(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[0] == "hwaware profile: from hwaware.yaml: space digits, out tabs"
     assert "v100" in lines[1] and "not present" in lines[1] and len(lines) == 2
+
+
+@pytest.mark.parametrize("extra", [["--params-m", "0.05"], ["--latency-ms", "1", "--table", "t4.csv"]])
+def test_the_projects_device_prices_latency_budgets_only_and_never_overrides_a_table(tmp_path, monkeypatch, capsys,
+                                                                                    extra):
+    monkeypatch.chdir(tmp_path)
+    remember(checkpoint="missing.pt", device="cpu", tables="t")
+    assert main(["search", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "from hwaware.yaml: checkpoint missing.pt" in err and "device" not in err.splitlines()[0]
+    assert "missing.pt: no such file" in err.splitlines()[1]

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,15 @@ def test_a_space_name_that_would_leave_its_folder_is_refused(tmp_path, capsys):
     space.write_text('name: "x/../../../escaped"\nembed_dims: [8]\ndepths: [1]\nnum_heads: [1]\nmlp_ratios: [2]\n')
     assert main(["space", "show", str(space)]) == 2
     assert "name 'x/../../../escaped' is not a plain name" in one_line(capsys.readouterr().err)
+
+
+def test_an_exports_clean_up_leaves_a_sibling_exports_staging_alone(tmp_path):
+    import tempfile
+
+    from hwaware.pipeline import export_lock
+
+    dead = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=tmp_path))  # a killed export of model/
+    sibling = Path(tempfile.mkdtemp(prefix=".model.int8.", suffix=".tmp", dir=tmp_path))  # model.int8/ in progress
+    with export_lock(tmp_path / "model"):
+        pass
+    assert not dead.exists() and sibling.exists()
