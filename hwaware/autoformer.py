@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from hwaware.checkpoint import CHECKPOINT_FILE, load_torch_file, save_checkpoint, versions
 from hwaware.errors import HwawareError
+from hwaware.io import file_sha256
 from hwaware.space import AUTOFORMER_COMPUTE, Arch, SearchSpace, _read_yaml, save_arch
 
 __all__ = ["read_autoformer_checkpoint", "checkpoint_settings", "check_supported", "check_space", "convert_state_dict", "import_autoformer"]
@@ -145,14 +145,6 @@ def _config_arch(config: str | Path, space: SearchSpace) -> Arch | None:
     return space.validate(Arch.from_dict(data["RETRAIN"], source=f"{config}: RETRAIN"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_autoformer(checkpoint: str | Path, space: SearchSpace, out: str | Path,
                       config: str | Path | None = None) -> dict[str, Any]:
     """Write `out/last.pt`, a hwaware supernet checkpoint holding the official weights; return its `source` record.
@@ -180,7 +172,7 @@ def import_autoformer(checkpoint: str | Path, space: SearchSpace, out: str | Pat
     source = {
         "importer": "hwaware import autoformer",
         "file": checkpoint.name,
-        "sha256": _sha256(checkpoint),
+        "sha256": file_sha256(checkpoint),
         "settings_from": settings["from"],
         "flags": {k: settings[k] for k in ("relative_position", "gp", "change_qkv", "max_relative_position", "mode")},
         "epoch": state["epoch"],

@@ -4,6 +4,7 @@ with the user's permissions, bounded reads that refuse FIFOs and devices, and a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import reprlib
@@ -102,13 +103,27 @@ def read_json(path: str | Path, if_missing: str) -> Any:
     if not path.exists():
         raise HwawareError(if_missing)
     try:
-        return json.loads(read_text_file(path, "json"), parse_constant=_refuse_constant)
+        return loads_strict(read_text_file(path, "json"))
     except (json.JSONDecodeError, ValueError) as exc:
         raise HwawareError(f"{path}: unreadable ({str(exc)[:120]})") from None
 
 
+def loads_strict(text: str) -> Any:
+    """JSON as other tools read it: NaN and Infinity are refused (ValueError), not turned into floats."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def _refuse_constant(name: str):
-    raise ValueError(f"non-finite number {name} is not JSON")
+    raise ValueError(f"{name} is not a number")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dumps_strict(data: Any, **kwargs: Any) -> str:

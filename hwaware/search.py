@@ -204,17 +204,9 @@ def file_fingerprint(**paths: str | Path | None) -> dict[str, Any]:
     By content, not path or time: a copied run folder or a touched checkpoint resumes; a retrained
     checkpoint or a re-measured table does not reuse cached scores.
     """
-    import hashlib
+    from hwaware.io import file_sha256
 
-    fingerprint = {}
-    for key, path in paths.items():
-        if path is not None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            fingerprint[key] = {"sha256": digest.hexdigest()}
-    return fingerprint
+    return {key: {"sha256": file_sha256(path)} for key, path in paths.items() if path is not None}
 
 
 # ---- the search -------------------------------------------------------------------------------
@@ -569,10 +561,10 @@ class EvolutionSearch:
         atomic_write_text(path, json.dumps(state))
 
     def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run]]:
-        from hwaware.io import read_text_file
+        from hwaware.io import loads_strict, read_text_file
 
         try:
-            state = json.loads(read_text_file(path, "search state"), parse_constant=_no_constant)
+            state = loads_strict(read_text_file(path, "search state"))
             if state.get("format") != _STATE_FORMAT:
                 raise ValueError(f"format is {state.get('format')!r}, expected {_STATE_FORMAT!r}")
             saved = state["config"]
@@ -602,10 +594,6 @@ class EvolutionSearch:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise HwawareError(f"{path}: not a readable search checkpoint ({exc})") from None
         return evaluations, runs
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number")
 
 
 def _number(value: Any, low: float, high: float) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -50,7 +49,7 @@ from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
-from hwaware.io import atomic_write_text, excerpt, folder_lock, read_text_file
+from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_text_file
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.supernet import SuperViT
 
@@ -154,7 +153,7 @@ class TrainConfig:
 
 def _file_sha256(path: str | Path) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as exc:
         raise HwawareError(f"init_from: cannot read {path} ({exc.strerror or exc})") from None
 

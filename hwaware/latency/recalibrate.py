@@ -11,7 +11,6 @@ depth move together) into a correction worse than none (held-out MAPE 17 % -> 11
 
 from __future__ import annotations
 
-import hashlib
 import random
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hwaware.errors import HwawareError
+from hwaware.io import file_sha256
 from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
@@ -121,7 +121,7 @@ def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 
         validation=validation_metrics([measured[i] for i in held], after),
         environment=environment(backend),
         recalibration={
-            "from": str(csv_path), "from_csv_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+            "from": str(csv_path), "from_csv_sha256": file_sha256(csv_path),
             "previous_environment": table.meta.get("environment"), "previous_calibration": table.meta.get("calibration"),
             "validation_before": validation_metrics([measured[i] for i in held], before),
             "seed": seed, "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

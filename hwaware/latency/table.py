@@ -8,7 +8,6 @@ CSV whose checksum or row count disagrees with its sidecar is refused as truncat
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write, atomic_write_text, dumps_strict, read_text_file
+from hwaware.io import atomic_write, atomic_write_text, dumps_strict, loads_strict, read_text_file
 from hwaware.space import Arch, SearchSpace
 from hwaware.vit import Piece, pieces
 
@@ -193,7 +192,7 @@ class LatencyTable:
             if not p.is_file():
                 raise HwawareError(f"latency table: {p} does not exist; a table is a .csv plus its .json sidecar")
         try:
-            meta = json.loads(read_text_file(side, "latency table"), parse_constant=_no_constant)
+            meta = loads_strict(read_text_file(side, "latency table"))
         except ValueError as exc:
             raise HwawareError(f"latency table: sidecar {side} is truncated or not JSON ({str(exc)[:80]})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("complete") is not True:
@@ -223,10 +222,6 @@ class LatencyTable:
         v = self.validation
         return (f"LatencyTable({self.device}/{self.backend}/{self.precision}/b{self.batch_size}, {self.space_name}, "
                 f"{len(self.rows)} pieces, mape={v.get('mape')})")
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number")
 
 
 def _check_meta(meta: dict, side: Path) -> None:
