@@ -677,7 +677,7 @@ def _time_side_by_side(float_path: Path, quantized_path: Path, space: SearchSpac
 
 def _write_triton(staging: Path, name: str, precision: str, batch_sizes: tuple[int, ...], with_tensorrt: bool) -> dict:
     """Triton models for the served ONNX file (the quantized one for int8/fp8) and, if built, the engine."""
-    served = _served_onnx(staging, precision)
+    served = served_onnx(staging, precision)
     io = onnx_io(served)
     repository = staging / "triton"
     models = [write_triton_model(repository, name, served, io, batch_sizes).name]
@@ -686,7 +686,8 @@ def _write_triton(staging: Path, name: str, precision: str, batch_sizes: tuple[i
     return {"repository": "triton", "models": models}
 
 
-def _served_onnx(folder: Path, precision: str) -> Path:
+def served_onnx(folder: Path, precision: str) -> Path:
+    """The ONNX file of an export folder that serves `precision`: model.onnx, or the quantized one beside it."""
     return folder / (quantized_file_name(precision) if get_precision(precision).quantized else ONNX_FILE)
 
 
@@ -699,7 +700,7 @@ def _export_tensorrt(
     from hwaware.tensorrt_build import build_engine, load_engine, metadata_path, run_engine
 
     plan = staging / PLAN_FILE
-    metadata = build_engine(_served_onnx(staging, precision), plan, precision, batch_sizes, timing_cache)
+    metadata = build_engine(served_onnx(staging, precision), plan, precision, batch_sizes, timing_cache)
     engine = load_engine(plan)
 
     # TensorRT may use TF32 for fp32 layers, so its fp32 engine is held to the fp16 tolerance

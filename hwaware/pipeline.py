@@ -209,7 +209,7 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     """
     import torch
 
-    from hwaware.export import load_model, read_card, read_model_config, update_card
+    from hwaware.export import load_model, read_card, read_model_config, served_onnx, update_card
     from hwaware.latency import MeasureSettings, load_device_profile, time_runner
     from hwaware.latency.profile import resolve_backend
 
@@ -233,7 +233,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     if backend == "torch":
         runner = runner_backend.prepare(load_model(export_dir), x)
     else:
-        onnx_path = export_dir / _served_onnx(card, precision, latency)
+        _check_quantize_mode(card, precision, latency)
+        onnx_path = served_onnx(export_dir, precision)
         if not onnx_path.is_file():
             raise HwawareError(f"bench: {export_dir} has no {onnx_path.name}; export with --format onnx "
                                f"--precision {precision} to bench {backend} {precision}")
@@ -258,21 +259,13 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     return result
 
 
-def _served_onnx(card: dict[str, Any], precision: str, table) -> str:
-    """The ONNX file of an export that serves `precision`: model.onnx, or the quantized one beside it
-    (with a warning when it was quantized in another mode than the table's pieces were)."""
-    from hwaware.export import ONNX_FILE
-    from hwaware.precision import get_precision
-    from hwaware.quantize import quantized_file_name
-
-    if not get_precision(precision).quantized:
-        return ONNX_FILE
+def _check_quantize_mode(card: dict[str, Any], precision: str, table) -> None:
+    """Warn when an export was quantized in another mode than the table's pieces were."""
     shipped = (card.get("quantized") or {}).get("mode")
     priced = table.quantize_mode if table is not None else None
     if shipped and priced and shipped != priced:
         _log(f"hwaware bench: warning: the export is {precision} {shipped}, the table's pieces {precision} {priced}; "
              "the prediction is for another graph")
-    return quantized_file_name(precision)
 
 
 # ---- the main job -----------------------------------------------------------------------------------
