@@ -16,6 +16,7 @@ Spearman rho between inherited and standalone top-1, and the mean inherited-minu
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import statistics
 import sys
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [make_config(args.recipe, space=args.space, data=args.data, out=out, arch=arch, epochs=args.epochs,
                                threads=args.threads, progress=False) for arch, out in zip(archs, outs, strict=True)]
         started = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:  # each run resumes, or is reused when complete
+        # spawn, not fork: a forked child of a process that already ran autograd deadlocks or refuses to train
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             seconds = [float(row["train_seconds"]) for row in pool.map(train_supernet, configs)]
         print(f"== {len(archs)} subnets of {space.name} trained standalone on {args.data} in "
               f"{time.perf_counter() - started:.0f} s wall ({sum(seconds):.0f} s of training, {args.jobs} side by side)")
