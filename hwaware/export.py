@@ -110,13 +110,17 @@ def _check_precision(precision: str) -> Precision:
 
 def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Path) -> None:
     """`model.safetensors` (the state dict) and `config.json` (what `build_vit` needs) in `folder`."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from hwaware.vit import vit_config
 
     folder = Path(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    except SafetensorError as exc:  # safetensors reports I/O failures (a full disk) as its own error
+        raise HwawareError(f"export: cannot write {folder / WEIGHTS_FILE} ({str(exc)[:160]})") from None
     atomic_write_text(folder / CONFIG_FILE, json.dumps(vit_config(arch, space), indent=2) + "\n")
 
 
