@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text
+from hwaware.io import atomic_write_text, read_text_file
 
 PROJECT_FILE = "hwaware.yaml"
 PATH_FIELDS = ("checkpoint", "tables", "outputs")
@@ -56,11 +56,10 @@ def load_project(folder: str | Path = ".") -> Project | None:
     path = folder / PROJECT_FILE
     if not path.exists():
         return None
-    if not path.is_file() or path.stat().st_size > MAX_BYTES:
-        raise HwawareError(f"project: {path} is not a small YAML file; delete it or run hwaware init again")
+    text = read_text_file(path, "project", max_bytes=MAX_BYTES)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise HwawareError(f"project: {path} is unreadable ({str(exc).splitlines()[0][:120]})") from None
     data = data or {}
     known = {f.name for f in fields(Project)} - {"folder"}

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
+from hwaware.io import read_text_file
 from hwaware.precision import BACKENDS, PRECISIONS
 
 
@@ -136,12 +137,11 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
     path = _profile_path(name, root)
     if not path.is_file():
         raise HwawareError(f"device: {path}: no such profile file")
+    text = read_text_file(path, "device", max_bytes=1 << 20)  # a FIFO or a huge file is refused unread
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise HwawareError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HwawareError(f"{path}: cannot read ({exc})") from None
     if not isinstance(data, dict) or "match" not in data:
         raise HwawareError(f"{path}: a device profile needs at least name, match, backend and precision")
     match = data.get("match") or {}

@@ -249,7 +249,7 @@ class Profiler:
                             **{k: float(r[k]) for k in ("median_ms", "iqr_ms", "p90_ms", "min_ms")},
                             "n": int(r["n"]), "attempts": int(r["attempt"]) + 1, "drifted": bool(int(r["drifted"]))})
         rows = pd.DataFrame.from_records(records, columns=COLUMNS)
-        info = json.loads(self.run_info_path.read_text())
+        info = read_json(self.run_info_path, f"profile: {self.run_info_path} vanished")
         meta = {
             "device": self.profile.name, "description": self.profile.description, "backend": self.backend.name,
             "precision": self.backend.precision, "batch_size": self.batch_size, "space": self.space.name,
