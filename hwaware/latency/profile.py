@@ -108,6 +108,8 @@ class Profiler:
         self.profile, self.space, self.backend, self.batch_size = profile, space, backend, batch_size
         self.settings, self.out_dir, self.seed, self.progress = settings, Path(out_dir), seed, progress
         self.csv_path = self.out_dir / table_name(profile.name, backend.name, backend.precision, space.name, batch_size)
+        if backend.name == "tensorrt":  # pieces built as the shipped plan is; the timing cache stays with the table
+            backend.serve_for_table(batch_size, profile.batch_sizes, self.csv_path.with_suffix(".timing.cache"))
         self.log = PartialLog(Path(f"{self.csv_path}.partial"))
         self.run_info_path = Path(f"{self.csv_path.with_suffix('.json')}.partial")
         rng = random.Random(seed)
@@ -336,7 +338,7 @@ def _now() -> str:
 
 
 def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,
-                    quantize_mode: str | None = None) -> Backend:
+                    quantize_mode: str | None = None, cuda_graph: bool = False) -> Backend:
     """The backend object for a present device of `profile` (raises if the device is absent, or cannot run
     the precision with that backend: fp8 on a GPU below compute capability 8.9, int8 with torch)."""
     present = find_present(profile)
@@ -344,7 +346,7 @@ def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str 
     backend, precision = backend or profile.backend, precision or profile.precision
     check_runs(precision, backend, present.kind, present.label(), present.capability)
     runner_backend = get_backend(backend, device=device, precision=precision, threads=threads,
-                                 quantize_mode=quantize_mode)
+                                 quantize_mode=quantize_mode, cuda_graph=cuda_graph)
     if runner_backend.name == "tensorrt":
         from hwaware.tensorrt_build import check_supported
 
@@ -363,7 +365,7 @@ def profile_device(device: str, space: str | SearchSpace, backend: str | None = 
     profile = load_device_profile(device)
     space = get_space(space)
     settings = settings or profile.measurement
-    runner_backend = resolve_backend(profile, backend, precision, settings.threads, quantize_mode)
+    runner_backend = resolve_backend(profile, backend, precision, settings.threads, quantize_mode, settings.cuda_graph)
     batch = batch or profile.batch_sizes[0]
     if batch < 1:
         raise HwawareError(f"batch: must be at least 1, got {batch}")
