@@ -42,11 +42,11 @@ from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_on
 from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
 from hwaware.space import Arch, SearchSpace
+from hwaware.tensorrt_build import DEFAULT_BATCH_SIZES
 
 FORMATS = ("timm", "onnx", "tensorrt", "triton")
 ONNX_FORMATS = frozenset({"onnx", "tensorrt", "triton"})  # formats built from the ONNX file
 PRECISIONS = EXPORT_PRECISIONS
-DEFAULT_BATCH_SIZES = (1, 8, 32)
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, PLAN_FILE, CARD_FILE = (
     "model.safetensors", "config.json", "model.onnx", "model.plan", "card.json",
 )

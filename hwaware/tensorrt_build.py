@@ -30,6 +30,8 @@ from hwaware.precision import check_runs
 
 PRECISIONS = tuple(name for name, p in ALL_PRECISIONS.items() if ("tensorrt", "cuda") in p.runs_on)
 DEFAULT_WORKSPACE_BYTES = 4 << 30
+# The batch sizes an export serves unless told otherwise; a table's pieces take the same profile (see profile_shapes).
+DEFAULT_BATCH_SIZES = (1, 8, 32)
 log = logging.getLogger(__name__)
 
 
@@ -145,7 +147,7 @@ def profile_shapes(batch_sizes: tuple[int, ...], opt: int | None = None) -> tupl
 def build_plan(
     onnx_path: str | Path,
     precision: str = "fp32",
-    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     timing_cache: str | Path | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     gpu_index: int | None = None,
@@ -315,7 +317,7 @@ def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
     precision: str = "fp32",
-    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     timing_cache: str | Path | None = None,
     opt_batch: int | None = None,
 ) -> dict[str, Any]:

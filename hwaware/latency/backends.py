@@ -271,7 +271,7 @@ class TensorRTBackend(Backend):
     """TensorRT engines built from the ONNX pieces by `hwaware.tensorrt_build.build_plan`, the builder
     export uses too (same typing per TensorRT version, same optimisation profile rule, same timing
     cache handling, same precision audit). Precision lives in the ONNX graph (the module is exported in
-    fp16/bf16, or in fp32 and quantized to int8/fp8 Q/DQ). `serve_for_table` sets what a latency table
+    fp16, or in fp32 and quantized to int8/fp8 Q/DQ). `serve_for_table` sets what a latency table
     needs: the optimisation profile the shipped plan will have at the table's batch, and a timing cache
     kept beside the table. `prepare_plan` times an exported model.plan as it is (bench). Runs with torch's
     CUDA where torch can use the GPU, else through cuda-python.

@@ -109,7 +109,9 @@ class Profiler:
         self.settings, self.out_dir, self.seed, self.progress = settings, Path(out_dir), seed, progress
         self.csv_path = self.out_dir / table_name(profile.name, backend.name, backend.precision, space.name, batch_size)
         if backend.name == "tensorrt":  # pieces built as the shipped plan is; the timing cache stays with the table
-            backend.serve_for_table(batch_size, profile.batch_sizes, self.csv_path.with_suffix(".timing.cache"))
+            from hwaware.tensorrt_build import DEFAULT_BATCH_SIZES
+
+            backend.serve_for_table(batch_size, DEFAULT_BATCH_SIZES, self.csv_path.with_suffix(".timing.cache"))
         self.log = PartialLog(Path(f"{self.csv_path}.partial"))
         self.run_info_path = Path(f"{self.csv_path.with_suffix('.json')}.partial")
         rng = random.Random(seed)
