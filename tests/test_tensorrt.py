@@ -366,3 +366,44 @@ def test_cuda_graph_timing_is_a_recorded_setting_refused_where_it_cannot_run(tmp
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "CUDA graphs is not available on the CPU" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU torch can use")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_torch_times_a_captured_cuda_graph_of_the_same_forward(precision):
+    from hwaware.latency import measure_latency
+    from hwaware.vit import Piece, build_piece, piece_input
+
+    piece = Piece("block", 48, 4, 2.0)
+    module, example = build_piece(SPACE, piece), piece_input(SPACE, piece, 1)
+    settings = MeasureSettings(warmup=5, min_repeats=50, min_time_s=0.0)
+    eager = measure_latency(module, example, backend="torch", device="cuda", precision=precision, settings=settings)
+    graph_backend = backends.get_backend("torch", device="cuda", precision=precision, cuda_graph=True)
+    runner = graph_backend.prepare(module, example)
+    assert runner.graph is not None and graph_backend.settings()["cuda_graph"] is True
+    replayed = measure_latency(module, example, backend=graph_backend, settings=settings)
+    assert 0 < replayed["median_ms"] and 0 < eager["median_ms"]
+    print(f"{precision} block at batch 1: eager {eager['median_ms']:.4f} ms, CUDA graph {replayed['median_ms']:.4f} ms")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(tensorrt_build.tensorrt_unavailable_reason()),
+                    reason=f"needs TensorRT and a GPU: {tensorrt_build.tensorrt_unavailable_reason()}")
+def test_the_tensorrt_runner_replays_a_captured_execute_async_v3(tmp_path):
+    from hwaware.onnx_writer import write_onnx
+
+    onnx_path = tmp_path / "linear.onnx"
+    linear = torch.nn.Linear(16, 16).half()
+    write_onnx(linear, torch.randn(2, 16, dtype=torch.float16), onnx_path)
+    plan, metadata = build_plan(onnx_path, "fp16", (1, 8), opt_batch=8)
+    engine = sys.modules["tensorrt"].Runtime(sys.modules["tensorrt"].Logger(2)).deserialize_cuda_engine(plan)
+    x = torch.randn(8, 16)
+    eager = backends.TensorRTRunner(engine, x.cuda()).outputs()
+    replayed = backends.TensorRTRunner(engine, x.cuda(), cuda_graph=True)
+    assert replayed.graph is not None and min(replayed.time(20)) > 0
+    torch.testing.assert_close(replayed.outputs(), eager)
+    assert metadata["layer_precisions"]["shares"].get("fp16", 0) > 0
