@@ -366,6 +366,7 @@ class TensorRTRunner:
                 self.output = buffer
             self.context.set_tensor_address(name, buffer.data_ptr())
             self.buffers.append(buffer)
+        self.stream.wait_stream(torch.cuda.current_stream(example.device))  # the input copy precedes every run
         self.graph = None
         if cuda_graph:
             self._enqueue()
