@@ -126,6 +126,17 @@ def test_trtexec_builds_and_times_the_same_engine_for_each_release():
     assert "--stronglyTyped" not in strong11 and "--fp16" not in strong11
 
 
+def test_bench_names_a_profile_other_than_the_tables():
+    from hwaware.tensorrt_build import profile_differences
+
+    plan = {"batch_min": 1, "batch_opt": 8, "batch_max": 32}
+    assert profile_differences(plan, {"min": 1, "opt": 8, "max": 32}, 8) == []
+    assert profile_differences(plan, {"min": 1, "opt": 1, "max": 32}, 1) == [
+        "served at batch 1, the plan is tuned for batch 8 (its opt shape)",
+        "the table's pieces were built with optimisation profile 1/1/32 (min/opt/max batch), the plan with "
+        "1/8/32 (min/opt/max batch)"]
+
+
 # ---- GPU facts ----------------------------------------------------------------------------------------
 
 
