@@ -152,7 +152,7 @@ class _Collector:
             node = stack.pop()
             yield node
             stack.extend(c for c in ast.iter_child_nodes(node) if id(c) not in skip
-                         and not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+                         and not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
     def _record(self, node, majors, objects, guarded, scope) -> None:
         if not isinstance(node, ast.Attribute) or not self._is_trt(node.value, objects):
