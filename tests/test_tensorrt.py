@@ -347,6 +347,7 @@ def test_bf16_exports_bf16_weights_and_is_refused_where_onnx_cannot_carry_it(tmp
 def test_a_tensorrt_table_builds_its_pieces_with_the_plans_profile_and_keeps_its_timing_cache(tmp_path, monkeypatch,
                                                                                            h200):
     from hwaware.latency import load_device_profile
+    from hwaware.latency import profile as profiling
     from hwaware.latency.profile import Profiler
     from hwaware.onnx_writer import write_onnx
 
@@ -365,6 +366,31 @@ def test_a_tensorrt_table_builds_its_pieces_with_the_plans_profile_and_keeps_its
     assert ("profile", ("input", (1, 1, 8, 8), (1, 1, 8, 8), (32, 1, 8, 8))) in calls  # = export at a batch-1 table
     assert ("gpu", 0) in calls
     assert backend.timing_cache.read_bytes() == b"timing cache"
+    profiler._prepare(profiler.anchors["pieces"])  # a piece through the table's own path: its audit is kept
+    assert profiler.audits == {profiler.anchors["pieces"].key: {"layers": 4, "shares": {"fp16": 0.75, "fp32": 0.25}}}
+    assert profiling._layer_shares({**profiler.audits, "other": {"layers": 4, "shares": {"fp32": 1.0}}}) == \
+        {"engines": 2, "layers": 8, "shares": {"fp32": 0.625, "fp16": 0.375}}
+
+
+@pytest.mark.slow
+def test_a_tensorrt_table_records_its_profile_and_its_engines_precision_shares(tmp_path, monkeypatch, h200):
+    from hwaware.latency import LatencyTable, profile_device
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0.35", MIXED, []))
+    monkeypatch.setattr(tensorrt_build, "_use_gpu", lambda index: None)
+    monkeypatch.setattr(backends.TensorRTBackend, "runner",
+                        lambda self, engine, example: types.SimpleNamespace(time=lambda n: [0.5] * n))
+    settings = MeasureSettings(warmup=0, min_repeats=1, min_time_s=0.0, max_repeats=1, fit_subnets=3,
+                               holdout_subnets=0, max_remeasure=0)
+    path = profile_device("h200", "digits", batch=1, out=tmp_path, settings=settings, progress=False)
+    meta = LatencyTable.load(path).meta
+    assert meta["backend_settings"]["optimization_profile"] == {"min": 1, "opt": 1, "max": 32}
+    assert meta["backend_settings"]["timing_cache"] == path.with_suffix(".timing.cache").name
+    assert path.with_suffix(".timing.cache").is_file()
+    shares = meta["layer_precisions"]
+    assert shares["shares"] == {"fp16": 0.75, "fp32": 0.25} and shares["layers"] == 4 * shares["engines"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name,
+                                                                 path.with_suffix(".timing.cache").name])
 
 
 def test_cuda_graph_timing_is_a_recorded_setting_refused_where_it_cannot_run(tmp_path, capsys):

@@ -287,8 +287,9 @@ class TensorRTBackend(Backend):
         super().__init__(device if device.startswith("cuda") else "cuda", precision, threads, quantize_mode, cuda_graph)
         self.timing_cache = Path(timing_cache) if timing_cache else None
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self.batch_sizes: tuple[int, ...] = ()  # the sizes the shipped plan serves (a device profile's batch sizes)
+        self.batch_sizes: tuple[int, ...] = ()  # the sizes the shipped plan serves
         self.table_batch: int | None = None
+        self.last_audit: dict | None = None
 
     def serve_for_table(self, batch: int, batch_sizes: tuple[int, ...], timing_cache: Path) -> None:
         """Build every piece with the optimisation profile `profile_shapes(batch_sizes, opt=batch)`, the rule the
@@ -306,8 +307,9 @@ class TensorRTBackend(Backend):
         from hwaware.tensorrt_build import build_plan
 
         batch = int(example.shape[0])
-        plan, _ = build_plan(onnx_path, self.precision, (*self.batch_sizes, batch), self.timing_cache,
-                             gpu_index=self.gpu_index, opt_batch=batch)
+        plan, metadata = build_plan(onnx_path, self.precision, (*self.batch_sizes, batch), self.timing_cache,
+                                    gpu_index=self.gpu_index, opt_batch=batch)
+        self.last_audit = metadata["layer_precisions"]  # the table's sidecar sums these
         engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(plan)
         if engine is None:
             raise HwawareError("tensorrt: the engine does not deserialize on this TensorRT/GPU")

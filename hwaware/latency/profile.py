@@ -114,6 +114,9 @@ class Profiler:
             backend.serve_for_table(batch_size, DEFAULT_BATCH_SIZES, self.csv_path.with_suffix(".timing.cache"))
         self.log = PartialLog(Path(f"{self.csv_path}.partial"))
         self.run_info_path = Path(f"{self.csv_path.with_suffix('.json')}.partial")
+        # each TensorRT engine's share of layers per precision (its audit), kept while the run is partial
+        self.audit_path = Path(f"{self.csv_path.with_suffix('.layers.json')}.partial")
+        self.audits: dict[str, dict] = {}
         rng = random.Random(seed)
         self.pieces = space_pieces(space)
         rng.shuffle(self.pieces)
@@ -138,7 +141,9 @@ class Profiler:
                 raise HwawareError(
                     f"profile: {self.log.path} is a partial run with other settings ({self.run_info_path}); "
                     f"rerun with those settings to resume it, or delete both files to start over")
+            self.audits = _read_audits(self.audit_path) if self.audit_path.exists() else {}
             return self.log.read()
+        self.audit_path.unlink(missing_ok=True)
         if self.log.path.exists():  # a log without its run info cannot be trusted to match
             self.log.path.unlink()
         info = {"config": self.config(), "started": _now(), "environment": environment(self.backend)}
@@ -158,7 +163,10 @@ class Profiler:
         module, example = self._module_and_input(item)
         workdir = Path(self._workdir.name) / item.kind
         workdir.mkdir(exist_ok=True)
-        return self.backend.prepare(module, example, workdir)
+        runner = self.backend.prepare(module, example, workdir)
+        if getattr(self.backend, "last_audit", None):
+            self.audits[item.key] = self.backend.last_audit
+        return runner
 
     def _anchor(self, phase: str):
         if phase not in self._anchor_runners:
@@ -230,12 +238,15 @@ class Profiler:
                     segment = items[i: i + step]
                     rows = self._segment(segment, phase, anchors[phase])
                     self.log.append(rows)
+                    if self.audits:
+                        atomic_write_text(self.audit_path, json.dumps(self.audits) + "\n")
                     anchors[phase].extend(float(r[column]) for r in rows if r["kind"] == "anchor")
                     bar.update(len(segment))
         table = self.finalize(self.log.read())
         table.save(self.csv_path)
         self.log.path.unlink(missing_ok=True)
         self.run_info_path.unlink(missing_ok=True)
+        self.audit_path.unlink(missing_ok=True)
         return self.csv_path
 
     def finalize(self, log_rows: list[dict]) -> LatencyTable:
@@ -292,6 +303,8 @@ class Profiler:
         meta["validation_other_statistic"] = _other_statistic_validation(rows, subnets, self.settings)
         meta["drift"] = _drift_summary(log_rows, self.anchors, self.settings)
         meta["timing"] = _timing_summary(log_rows)
+        if self.audits:
+            meta["layer_precisions"] = _layer_shares(self.audits)
         return LatencyTable(rows, meta)
 
 
@@ -333,6 +346,25 @@ def _timing_summary(log_rows: list[dict]) -> dict:
     return {"pieces_seconds": seconds(("piece",), "pieces"), "calibration_seconds": seconds(("subnet",), "subnets"),
             "seconds_per_subnet_end_to_end": mean_subnet,
             "end_to_end_1000_candidates_seconds": 1000 * mean_subnet}
+
+
+def _read_audits(path: Path) -> dict[str, dict]:
+    audits = read_json(path, f"profile: {path} vanished")
+    if not (isinstance(audits, dict) and all(isinstance(a, dict) and isinstance(a.get("layers"), int)
+                                             and isinstance(a.get("shares"), dict) for a in audits.values())):
+        raise HwawareError(f"profile: {path} is not a record of engine audits; delete it to start over")
+    return audits
+
+
+def _layer_shares(audits: dict[str, dict]) -> dict:
+    """Share of compute layers per precision over every TensorRT engine the table timed (pieces, subnets, anchors)."""
+    counts: dict[str, float] = {}
+    for audit in audits.values():
+        for precision, share in audit["shares"].items():
+            counts[precision] = counts.get(precision, 0.0) + share * audit["layers"]
+    total = sum(counts.values())
+    return {"engines": len(audits), "layers": round(total),
+            "shares": {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
 
 
 def _now() -> str:
