@@ -11,6 +11,11 @@ weak-typing precision flags are gone, the network is strongly typed and runs in 
 types; on 8.6 and 10.x the FP16/INT8/FP8 builder flags let TensorRT pick those kernels for the
 same graph. INT8 is explicit quantization only: implicit INT8 calibration is deprecated since
 TensorRT 10.1 and gone in 11. TensorRT is imported lazily.
+
+Every engine is audited after its build (`audit_precision`, from the engine inspector's layer
+information): TensorRT silently runs layers it has no reduced-precision kernel for in fp32, and
+an engine asked for fp16/int8/fp8 that computes nothing in it is refused. `trtexec_command` gives
+the NVIDIA command line that builds and times the same engine.
 """
 
 from __future__ import annotations
