@@ -158,6 +158,16 @@ run "search t scored on the gpu" "$PY" -m hwaware.cli search --checkpoint "$RUNS
   --score-images 2000 --compute-device cuda --out "$RUNS/search-t-gpu" --quiet
 echo "search: $(( $(date +%s) - START )) s for 100 subnets x 2000 images (incl. start-up, decoding, held-out)"
 run "scoring throughput" "$PY" benchmarks/scoring_throughput.py --cuda-only --batch 256 --batches 4 --rounds 4
+# (issue 19, continued) Where TensorRT is installed: bench the fp16 plan the export shipped (loaded, never rebuilt)
+# and print the trtexec command its card carries, so the same engine can be checked with NVIDIA's tool.
+if "$PY" -c "import tensorrt" 2>/dev/null && [ -f "$RUNS/export-t/model.plan" ]; then
+  run "bench t tensorrt plan b1" "$PY" -m hwaware.cli bench "$RUNS/export-t" --device "$DEVICE" --backend tensorrt \
+    --precision fp16 --batch 1 --tables "$TABLES"
+  "$PY" -c "import json, sys; t = json.load(open(sys.argv[1]))['tensorrt']; print('layer precisions:', \
+t['layer_precisions']); print('trtexec:', t['trtexec'])" "$RUNS/export-t/card.json"
+else
+  echo "SKIP tensorrt plan bench: TensorRT is not installed or no model.plan was exported"
+fi
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib
 for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
