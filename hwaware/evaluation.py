@@ -137,6 +137,7 @@ def join_compute_device(spec: str | torch.device = "auto") -> tuple[int, int, to
 
 
 def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a cluster job narrows), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

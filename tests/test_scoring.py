@@ -294,6 +294,26 @@ def test_export_needs_no_test_split_and_no_data(run_cli, tmp_path):
     assert "no accuracy (no data)" in result.stdout
 
 
+@pytest.mark.slow  # ~10-30 s: ONNX export, static calibration, float and int8 ONNX Runtime over three image sets
+def test_int8_export_checks_accuracy_on_the_card_s_bounded_image_sets(run_cli, digits_checkpoint, tmp_path):
+    out = tmp_path / "int8"
+    result = run_cli("export", "--checkpoint", digits_checkpoint, "--arch", "smallest", "--format", "onnx",
+                     "--precision", "int8", "--quantize-mode", "static", "--calibration-images", "40",
+                     "--max-accuracy-drop", "100", "--score-images", "60", "--out", out)
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "card.json").read_text())
+    assert {name: row["n"] for name, row in card["accuracy"].items()} == {"val": 60, "held_out": 60, "test": 60}
+    checked = card["quantized"]["accuracy"]
+    assert {name: row["n"] for name, row in checked.items()} == {"val": 60, "held_out": 60, "test": 60}
+    assert abs(checked["val"]["float_top1"] - card["accuracy"]["val"]["top1"]) <= 1 / 60  # same images, via ONNX
+    assert card["quantized"]["calibration_count"] == 40
+    refused = run_cli("export", "--checkpoint", digits_checkpoint, "--arch", "smallest", "--format", "onnx",
+                      "--precision", "int8", "--quantize-mode", "static", "--calibration-images", "2000",
+                      "--out", tmp_path / "too-many")
+    one_line_error(refused, "2000 images asked, but digits has 1257 training images")
+    assert not (tmp_path / "too-many").exists()
+
+
 def test_calibration_draws_every_class_and_refuses_more_than_there_is(tmp_path):
     from hwaware.quantize import calibration_images
 
