@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, read_json
+from hwaware.io import atomic_write_text, open_regular, read_json
 from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved
@@ -79,7 +79,7 @@ class PartialLog:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
+            with open_regular(self.path, "r+b") as f:
                 f.truncate(len(data))
         lines = data.decode().splitlines()
         if not lines:
@@ -90,7 +90,7 @@ class PartialLog:
 
     def append(self, rows: list[dict]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
+        with open_regular(self.path, "a") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             if new:
                 writer.writeheader()
