@@ -6,6 +6,7 @@ reads it; numpy's RNG state is stored as a tensor for the same reason.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import platform
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text
+from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text, loads_strict, read_text_file
 
 FORMAT = "hwaware-supernet-v1"
 RUN_FILE = "run.json"
@@ -35,10 +36,38 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+class _KeepsWriteErrors:
+    """A file for torch.save that remembers the OSError of a failed write: torch replaces it with an
+    'unexpected pos' RuntimeError, which says nothing of a full disk."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` under a temporary name, then rename: a kill leaves the previous checkpoint whole."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Write `state` under a temporary name, then rename: a kill or a full disk leaves the previous
+    checkpoint whole, and a failed write is one line naming the file and why."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            target = _KeepsWriteErrors(f)
+            try:
+                torch.save({"format": FORMAT, **state}, target)
+                f.flush()
+            except RuntimeError as exc:
+                raise (target.error or exc) from None
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+        raise HwawareError(f"checkpoint: {reason} writing {path}; the previous checkpoint there (if any) is intact") from None
 
 
 def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses") -> Any:
@@ -122,8 +151,8 @@ def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True)
     run_file = out / RUN_FILE
     if run_file.is_file():
         try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, ValueError) as exc:
+            previous = loads_strict(read_text_file(run_file, "run"))
+        except (HwawareError, ValueError) as exc:
             raise HwawareError(f"out: {run_file} is unreadable ({exc}); choose another --out") from None
         difference = first_difference(previous, identity)
         if difference:

@@ -51,6 +51,7 @@ from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
 from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_text_file
 from hwaware.space import Arch, SearchSpace, get_space
+from hwaware.stopping import deferred_stop, stop_here, stop_requested
 from hwaware.supernet import SuperViT
 
 __all__ = ["TrainConfig", "RECIPES", "make_config", "train_supernet", "SupernetTrainer", "tracked_archs", "val_summary"]
@@ -481,7 +482,8 @@ def train_supernet(config: TrainConfig | None = None, **overrides: Any) -> dict[
                 claim_run_dir(out, config.identity(space))
             if world > 1:
                 dist.barrier()
-            return _run(config, space, out, rank, world, device, train_data, val_data)
+            with deferred_stop():
+                return _run(config, space, out, rank, world, device, train_data, val_data)
     finally:
         if owned_group:
             dist.destroy_process_group()
@@ -561,6 +563,10 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
                 seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 checkpoint()
+            if stop_requested():  # SIGTERM/SIGINT (hwaware.stopping): keep this step, then leave
+                seconds += time.perf_counter() - started
+                checkpoint()
+                stop_here(f"{checkpoint_path} at step {trainer.step}")
         bar.close()
         seconds += time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch + 1, "step": trainer.step, "lr": trainer.lr,

@@ -2,9 +2,12 @@
 every failure as one line on stderr."""
 
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,68 @@ def test_an_exports_clean_up_leaves_a_sibling_exports_staging_alone(tmp_path):
     with export_lock(tmp_path / "model"):
         pass
     assert not dead.exists() and sibling.exists()
+
+
+# ---- preemption: SIGTERM as Slurm, Kubernetes and `docker stop` send it ----------------------------
+
+def test_sigterm_stops_training_at_the_next_step_with_a_checkpoint_and_one_line(tmp_path, capsys):
+    import threading
+
+    from hwaware.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    sent = []
+
+    def preempt():  # as a scheduler would: once the run is under way
+        while not (out / "run.json").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    status = main(["train", "--space", "digits", "--data", "digits", "--out", str(out), "--epochs", "50",
+                   "--batch-size", "64", "--checkpoint-every", "0", "--quiet"])
+    assert status == 143 and time.monotonic() - sent[0] < 30
+    assert f"hwaware train: stopped by SIGTERM after writing {out}/last.pt at step" in one_line(capsys.readouterr().err)
+    state = read_checkpoint(out / "last.pt")
+    assert state["step"] >= 1 and not state["complete"]
+    assert {p.name for p in out.iterdir()} <= {"last.pt", "metrics.csv", "run.json"}  # no temporary, no lock
+
+
+def test_sigterm_outside_a_safe_point_stops_at_once_and_a_stuck_one_within_the_grace(monkeypatch):
+    from hwaware.stopping import Stopped, deferred_stop, stop_requested, stop_signals_handled
+
+    with stop_signals_handled():
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        assert stopped.value.exit_status == 143
+        monkeypatch.setenv("HWAWARE_STOP_GRACE", "0.3")
+        started = time.monotonic()
+        with pytest.raises(Stopped), deferred_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop_requested()  # the safe point would see it; this block never reaches one
+            time.sleep(10)
+        assert time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI hands the old handlers back
+    monkeypatch.setenv("HWAWARE_STOP_GRACE", "nan")
+    assert main(["space", "list"]) == 2
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-rpf", "true"], capture_output=True).returncode != 0
+                    if shutil.which("unshare") else True, reason="cannot start a PID namespace here (unshare -rpf)")
+def test_sigterm_reaches_hwaware_running_as_pid_1_in_a_container(tmp_path):
+    """The kernel drops a signal to a namespace's pid 1 that has no handler: `docker stop` then waits for SIGKILL."""
+    code = ("import os, sys, time\nfrom hwaware.stopping import Stopped, stop_signals_handled\n"
+            "assert os.getpid() == 1\nwith stop_signals_handled():\n    print('ready', flush=True)\n"
+            "    try:\n        time.sleep(60)\n    except Stopped as stop:\n        sys.exit(stop.exit_status)\n")
+    box = subprocess.Popen(["unshare", "-rpf", sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert box.stdout.readline() == "ready\n"
+        children = Path(f"/proc/{box.pid}/task/{box.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
+        assert box.wait(timeout=20) == 143
+    finally:
+        box.kill()
+        box.wait()

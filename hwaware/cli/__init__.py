@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import traceback
 import warnings
@@ -47,18 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure is one line on stderr: exit 2 for bad input and failed I/O,
-    1 for an unexpected error (its traceback with --debug or HWAWARE_DEBUG=1), 130 for Ctrl-C."""
+    1 for an unexpected error (its traceback with --debug or HWAWARE_DEBUG=1), 130 for Ctrl-C and 143
+    for SIGTERM (128 + the signal: a scheduler's preemption; the rerun resumes)."""
+    from hwaware.stopping import Stopped, stop_signals_handled
+
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     prefix = f"hwaware {args.command}"
     try:
-        args.func(args)
-        sys.stdout.flush()
+        with stop_signals_handled():
+            args.func(args)
+            sys.stdout.flush()
     except HwawareError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Stopped as exc:
+        what = "interrupted" if exc.signum == signal.SIGINT else f"stopped by {signal.Signals(exc.signum).name}"
+        saved = f" after writing {exc.saved}" if exc.saved else ""
+        print(f"{prefix}: {what}{saved}; run the same command again to resume", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside the handled block (a notebook's own handler)
         print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `hwaware ... | head`: the reader left; nothing to say
