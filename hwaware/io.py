@@ -289,6 +289,8 @@ def _open_lock(lock: Path) -> int:
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EOPNOTSUPP):
                 raise
+            if not os.path.lexists(lock):  # nothing there: the folder itself is not writable
+                raise
             _clear_odd_lock(lock)
             continue
         if stat.S_ISREG(os.fstat(fd).st_mode):

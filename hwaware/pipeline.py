@@ -283,10 +283,11 @@ def _log(message: str) -> None:
 
 
 def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = None, device: str = "cpu",
-                 progress: bool = True, log=_log) -> dict[str, Any]:
+                 progress: bool = True, log=_log, claimed=lambda: None) -> dict[str, Any]:
     """Train on digits, profile this CPU, search under a latency budget, export, bench, write report.md.
 
     Every stage finds its output already there and skips, so an interrupted pipeline continues.
+    `claimed()` runs once `out` is locked, before the first stage (the CLI records the project file there).
     """
     from hwaware.export import CARD_FILE, read_card
     from hwaware.latency import LatencyTable, find_table, profile_device
@@ -306,6 +307,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
         timings[name] = time.perf_counter() - timings[name]
 
     with folder_lock(out, "pipeline"):  # one pipeline per folder; also checks it is writable
+        claimed()
         stage("train")
         train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
         done("train")

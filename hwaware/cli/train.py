@@ -24,10 +24,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         from pathlib import Path
 
-        from hwaware.project import PROJECT_FILE, remember
+        from hwaware.project import PROJECT_FILE, remember_after_success
 
-        remember(space=args.space, checkpoint=Path(config.out) / "last.pt")
-        print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
+        if remember_after_success("train", space=args.space, checkpoint=Path(config.out) / "last.pt"):
+            print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
         print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 {val_summary(row)}; "
               f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
 
