@@ -207,3 +207,60 @@ def test_sigterm_reaches_hwaware_running_as_pid_1_in_a_container(tmp_path):
     finally:
         box.kill()
         box.wait()
+
+
+# ---- a full disk while a checkpoint is written --------------------------------------------------
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    import hwaware.checkpoint as checkpoint
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(4)})
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2048:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(HwawareError, match=f"no space left on device writing {path}; the previous checkpoint"):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.ones(100_000)})
+    assert checkpoint.read_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                                   capture_output=True).returncode != 0 if shutil.which("unshare") else True,
+                    reason="cannot mount a small tmpfs here (needs unshare -rm and tmpfs in a user namespace)")
+def test_a_really_full_tmpfs_during_a_checkpoint_write(tmp_path):
+    code = ("import torch, sys\nfrom hwaware.checkpoint import save_checkpoint, read_checkpoint\n"
+            "from hwaware.errors import HwawareError\n"
+            "save_checkpoint(sys.argv[1] + '/last.pt', {'step': 1, 'w': torch.ones(1000)})\n"
+            "try:\n    save_checkpoint(sys.argv[1] + '/last.pt', {'step': 2, 'w': torch.ones(1_000_000)})\n"
+            "except HwawareError as e:\n    print(e)\n"
+            "print(read_checkpoint(sys.argv[1] + '/last.pt')['step'])\n")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "$1" && '
+                          f'"{sys.executable}" -c "$2" "$1" && ls -A "$1"', "sh", str(disk), code],
+                         capture_output=True, text=True, timeout=120)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and "no space left on device writing" in lines[0], run.stderr
+    assert lines[1:] == ["1", "last.pt"]  # the previous checkpoint whole, no temporary left
