@@ -264,3 +264,79 @@ def test_a_really_full_tmpfs_during_a_checkpoint_write(tmp_path):
     lines = run.stdout.splitlines()
     assert run.returncode == 0 and "no space left on device writing" in lines[0], run.stderr
     assert lines[1:] == ["1", "last.pt"]  # the previous checkpoint whole, no temporary left
+
+
+# ---- tables, device profiles: the CLI's bounds hold for what is read from disk ----------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_TABLE = "cpu-onnxruntime-fp32-digits-b1"
+
+
+def _table_copy(tmp_path: Path, **changes) -> Path:
+    import json
+
+    shutil.copy(REPO / "latency_tables" / f"{DIGITS_TABLE}.csv", tmp_path)
+    meta = json.loads((REPO / "latency_tables" / f"{DIGITS_TABLE}.json").read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = meta
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    (tmp_path / f"{DIGITS_TABLE}.json").write_text(json.dumps(meta))
+    return tmp_path / f"{DIGITS_TABLE}.csv"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"calibration__intercept": -10}, "a correction must keep every prediction positive"),
+    ({"settings__warmup": 1e10}, "warmup must be in 0..100000"),
+    ({"settings__max_repeats": 10**12}, "max_repeats must be in 1..10000000"),
+    ({"settings__threads": 5000}, "threads must be in 1..1024"),
+])
+def test_a_sidecar_that_would_mislead_or_hang_bench_is_refused(tmp_path, changes, message):
+    from hwaware.latency.table import LatencyTable
+
+    with pytest.raises(HwawareError, match=message):
+        LatencyTable.load(_table_copy(tmp_path, **changes))
+
+
+def test_a_sidecar_is_covered_by_its_own_checksum(tmp_path):
+    import json
+
+    from hwaware.latency.table import LatencyTable
+
+    table = LatencyTable.load(_table_copy(tmp_path))
+    out = tmp_path / "saved"
+    table.save(out / f"{DIGITS_TABLE}.csv")
+    LatencyTable.load(out / f"{DIGITS_TABLE}.csv")
+    side = out / f"{DIGITS_TABLE}.json"
+    meta = json.loads(side.read_text())
+    meta["calibration"]["scale"] *= 0.5  # in range, but not what was measured
+    side.write_text(json.dumps(meta))
+    with pytest.raises(HwawareError, match="does not match its own checksum"):
+        LatencyTable.load(out / f"{DIGITS_TABLE}.csv")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peak": {"flops": {"fp32": -1e12}}}, "peak.flops.fp32 must be a positive FLOP/s figure"),
+    ({"peak": {"flops": {"fp32": 1e12}, "memory_bandwidth": -5e10}}, "peak.memory_bandwidth must be a positive"),
+    ({"measurement": {"warmup": 10**10}}, "warmup must be in 0..100000"),
+])
+def test_a_device_profile_with_negative_peaks_or_endless_settings_is_refused(tmp_path, monkeypatch, change, message):
+    import yaml
+
+    from hwaware.latency.devices import load_device_profile, profile_dirs
+
+    profile = yaml.safe_load((profile_dirs()[-1] / "cpu.yaml").read_text())
+    (tmp_path / "hostile.yaml").write_text(yaml.safe_dump({**profile, **change}))
+    monkeypatch.setenv("HWAWARE_PROFILES", str(tmp_path))
+    with pytest.raises(HwawareError, match=message):
+        load_device_profile("hostile")
+
+
+def test_one_held_out_subnet_prints_without_a_ranking(capsys):
+    from hwaware.cli.profile import _print_validation
+
+    _print_validation("held-out validation", {"n": 1, "mape": 0.1, "within_5pct": 0.0, "within_10pct": 1.0,
+                                              "kendall_tau": None})
+    assert "Kendall tau n/a (needs 2 subnets)" in capsys.readouterr().out

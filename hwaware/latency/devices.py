@@ -7,6 +7,7 @@ roofline `--estimate` scales. Users add a device by adding a file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,16 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
-from hwaware.io import read_text_file
+from hwaware.io import excerpt, read_text_file
 from hwaware.precision import BACKENDS, PRECISIONS
+
+# The range of each measurement setting, shared by `hwaware profile`'s flags, device profiles and table
+# sidecars (which `bench` times with): a warm-up of 1e10 or 5000 threads is refused, never run.
+SETTING_BOUNDS: dict[str, tuple[float, float]] = {
+    "warmup": (0, 100_000), "min_repeats": (1, 1_000_000), "min_time_s": (0, 3600), "max_repeats": (1, 10_000_000),
+    "threads": (1, 1024), "anchor_every": (1, 100_000), "drift_tolerance": (0, 10), "max_remeasure": (0, 100),
+    "fit_subnets": (3, 1000), "holdout_subnets": (0, 1000),
+}
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,12 @@ class MeasureSettings:
         try:
             defaults = cls()
             settings = cls(**{k: (None if v is None else type(getattr(defaults, k) or 0)(v)) for k, v in data.items()})
-        except (TypeError, ValueError) as exc:
-            raise HwawareError(f"{source}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise HwawareError(f"{source}: {str(exc)[:120]}") from None
+        for name, (low, high) in SETTING_BOUNDS.items():
+            value = getattr(settings, name)
+            if value is not None and not (math.isfinite(value) and low <= value <= high):
+                raise HwawareError(f"{source}: {name} must be in {low}..{high}, got {excerpt(data.get(name, value))}")
         if settings.min_repeats < 1 or settings.warmup < 0 or settings.min_time_s < 0 or settings.max_repeats < 1:
             raise HwawareError(f"{source}: warmup >= 0, min_repeats >= 1, max_repeats >= 1 and min_time_s >= 0")
         if settings.statistic not in ("median", "min"):
@@ -155,7 +168,7 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
         raise HwawareError(f"{path}: match.kind must be cpu or cuda")
     try:
         cc = match.get("compute_capability")
-        return DeviceProfile(
+        profile = DeviceProfile(
             name=str(data.get("name") or path.stem),
             description=str(data.get("description", "")),
             kind=match["kind"],
@@ -172,8 +185,23 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
             memory_bandwidth=float(peak.get("memory_bandwidth") or 0.0),
             path=str(path),
         )
-    except (TypeError, ValueError, IndexError) as exc:
-        raise HwawareError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise HwawareError(f"{path}: {str(exc)[:120]}") from None
+    _check_figures(profile, path)
+    return profile
+
+
+def _check_figures(profile: DeviceProfile, path: Path) -> None:
+    """Peaks a roofline divides by must be positive (a negative one inverts the ranking search prices
+    with), batch sizes within the CLI's bounds."""
+    for precision, flops in profile.peak_flops.items():
+        if not (math.isfinite(flops) and flops > 0):
+            raise HwawareError(f"{path}: peak.flops.{precision} must be a positive FLOP/s figure, got {flops:g}")
+    if not (math.isfinite(profile.memory_bandwidth) and profile.memory_bandwidth >= 0):
+        raise HwawareError(f"{path}: peak.memory_bandwidth must be a positive bytes/s figure (or left out), "
+                           f"got {profile.memory_bandwidth:g}")
+    if not profile.batch_sizes or not all(1 <= b <= 65536 for b in profile.batch_sizes):
+        raise HwawareError(f"{path}: batch_sizes must be integers in 1..65536")
 
 
 @dataclass(frozen=True)
