@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from hwaware import bounds
 from hwaware.checkpoint import (
     CHECKPOINT_FILE,
     check_finite,
@@ -131,6 +132,10 @@ class TrainConfig:
                                f"use at most {workers}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise HwawareError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        for name, (low, high) in bounds.TRAINING.items():  # a recipe YAML meets the bounds of the CLI's flags
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise HwawareError(f"{name}: must be in {low}..{high}, got {excerpt(value)}")
         return self
 
     def fixed_arch(self, space: SearchSpace) -> Arch | None:

@@ -340,3 +340,14 @@ def test_one_held_out_subnet_prints_without_a_ranking(capsys):
     _print_validation("held-out validation", {"n": 1, "mape": 0.1, "within_5pct": 0.0, "within_10pct": 1.0,
                                               "kendall_tau": None})
     assert "Kendall tau n/a (needs 2 subnets)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, message", [("num_random: 1000000", "num_random: must be in 0..64"),
+                                              ("threads: 100000", "threads: must be in 0..1024"),
+                                              ("epochs: 1.0e+300", "epochs: must be in 1..100000")])
+def test_a_recipe_meets_the_bounds_of_the_train_flags(tmp_path, capsys, setting, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(setting + "\n")
+    assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "run"),
+                 "--recipe", str(recipe)]) == 2
+    assert message in one_line(capsys.readouterr().err) and not (tmp_path / "run").exists()

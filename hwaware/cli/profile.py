@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from hwaware.bounds import MEASUREMENT
 from hwaware.cli import bounded, fill_from_project
 from hwaware.errors import HwawareError
 from hwaware.io import folder_lock
-from hwaware.latency.devices import SETTING_BOUNDS
 from hwaware.precision import BACKENDS, PRECISIONS, QUANT_MODES
 
 
@@ -97,13 +97,13 @@ def register(sub) -> None:
     prof.add_argument("--space", help="built-in space name or YAML file (default: the project's)")
     prof.add_argument("--out", help="folder for the table (default: the project's tables, else latency_tables/)")
     prof.add_argument("--seed", type=bounded(int, 0), help="seed for piece order and calibration subnets (default 0)")
-    prof.add_argument("--threads", type=bounded(int, *SETTING_BOUNDS["threads"]), help="intra-op threads (default: the profile's)")
-    prof.add_argument("--warmup", type=bounded(int, *SETTING_BOUNDS["warmup"]), help="warm-up runs per item")
-    prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, *SETTING_BOUNDS["min_repeats"]), help="minimum timed runs per item")
-    prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, *SETTING_BOUNDS["min_time_s"]), help="minimum seconds of timed runs per item")
-    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, *SETTING_BOUNDS["fit_subnets"]),
+    prof.add_argument("--threads", type=bounded(int, *MEASUREMENT["threads"]), help="intra-op threads (default: the profile's)")
+    prof.add_argument("--warmup", type=bounded(int, *MEASUREMENT["warmup"]), help="warm-up runs per item")
+    prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, *MEASUREMENT["min_repeats"]), help="minimum timed runs per item")
+    prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, *MEASUREMENT["min_time_s"]), help="minimum seconds of timed runs per item")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, *MEASUREMENT["fit_subnets"]),
                       help="whole subnets the correction is fitted on (--recalibrate: default 10)")
-    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, *SETTING_BOUNDS["holdout_subnets"]),
+    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, *MEASUREMENT["holdout_subnets"]),
                       help="held-out subnets it is validated on (--recalibrate: default 10)")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
     prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")

@@ -15,17 +15,10 @@ from typing import Any
 
 import yaml
 
+from hwaware import bounds
 from hwaware.errors import HwawareError
 from hwaware.io import excerpt, read_text_file
 from hwaware.precision import BACKENDS, PRECISIONS
-
-# The range of each measurement setting, shared by `hwaware profile`'s flags, device profiles and table
-# sidecars (which `bench` times with): a warm-up of 1e10 or 5000 threads is refused, never run.
-SETTING_BOUNDS: dict[str, tuple[float, float]] = {
-    "warmup": (0, 100_000), "min_repeats": (1, 1_000_000), "min_time_s": (0, 3600), "max_repeats": (1, 10_000_000),
-    "threads": (1, 1024), "anchor_every": (1, 100_000), "drift_tolerance": (0, 10), "max_remeasure": (0, 100),
-    "fit_subnets": (3, 1000), "holdout_subnets": (0, 1000),
-}
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,7 @@ class MeasureSettings:
             settings = cls(**{k: (None if v is None else type(getattr(defaults, k) or 0)(v)) for k, v in data.items()})
         except (TypeError, ValueError, OverflowError) as exc:
             raise HwawareError(f"{source}: {str(exc)[:120]}") from None
-        for name, (low, high) in SETTING_BOUNDS.items():
+        for name, (low, high) in bounds.MEASUREMENT.items():
             value = getattr(settings, name)
             if value is not None and not (math.isfinite(value) and low <= value <= high):
                 raise HwawareError(f"{source}: {name} must be in {low}..{high}, got {excerpt(data.get(name, value))}")
