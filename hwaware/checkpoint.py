@@ -70,14 +70,36 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise HwawareError(f"checkpoint: {reason} writing {path}; the previous checkpoint there (if any) is intact") from None
 
 
-def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses") -> Any:
+def check_archive_size(path: Path, largest_tensor_bytes: int, total_bytes: int) -> None:
+    """Refuse a torch archive whose entries declare more data than a checkpoint of the expected model can
+    hold, before anything is decompressed: a few MB deflated must not expand to gigabytes in memory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
+    biggest = max(entries, key=lambda e: e.file_size, default=None)
+    declared = sum(e.file_size for e in entries)
+    if biggest is not None and biggest.file_size > largest_tensor_bytes:
+        raise HwawareError(f"checkpoint: {path}: {biggest.filename} declares {biggest.file_size / 2**20:.1f} MiB, more "
+                           f"than the largest tensor of this space ({largest_tensor_bytes / 2**20:.1f} MiB); refusing to read it")
+    if declared > total_bytes:
+        raise HwawareError(f"checkpoint: {path} declares {declared / 2**20:.1f} MiB of data, more than a checkpoint of "
+                           f"this space holds ({total_bytes / 2**20:.1f} MiB); refusing to read it")
+
+
+def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses",
+                    size_limits: tuple[int, int] | None = None) -> Any:
     """`torch.load(weights_only=True)` with `admit`ted classes and nothing else; a missing, truncated or
-    foreign file is one HwawareError line (`refused` names what the pickled objects are not)."""
+    foreign file is one HwawareError line (`refused` names what the pickled objects are not).
+    `size_limits` (largest entry, total, in bytes) are checked against the archive before reading it."""
     path = Path(path)
     if not path.is_file():
         raise HwawareError(f"checkpoint: {path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is cut short or foreign
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint (not a zip archive)")
+    if size_limits is not None:
+        check_archive_size(path, *size_limits)
     try:
         with torch.serialization.safe_globals(list(admit)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -87,7 +109,7 @@ def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str
             what = f" ({found.group(1)})" if found else ""
             raise HwawareError(f"checkpoint: {path} holds pickled objects {refused}{what}; refusing to load it") from None
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, TypeError, OverflowError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({reason[:160]})") from None
 

@@ -351,3 +351,25 @@ def test_a_recipe_meets_the_bounds_of_the_train_flags(tmp_path, capsys, setting,
     assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "run"),
                  "--recipe", str(recipe)]) == 2
     assert message in one_line(capsys.readouterr().err) and not (tmp_path / "run").exists()
+
+
+# ---- importing a hostile checkpoint ---------------------------------------------------------------
+
+def test_a_deflated_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(tmp_path, capsys):
+    import io
+    import zipfile
+
+    from tests.test_autoformer import SPACE_FILE
+
+    raw = io.BytesIO()
+    torch.save({"model": {"cls_token": torch.zeros(50_000_000, dtype=torch.uint8)}}, raw)  # 50 MB of zeros
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(raw) as stored, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as deflated:
+        for entry in stored.infolist():
+            deflated.writestr(entry.filename, stored.read(entry))
+    del raw
+    assert bomb.stat().st_size < 1 << 20
+    assert main(["import", "autoformer", str(bomb), "--space", str(SPACE_FILE), "--out", str(tmp_path / "x")]) == 2
+    err = one_line(capsys.readouterr().err)  # refused from the zip directory, before torch.load decompressed it
+    assert "data/0 declares 47.7 MiB, more than the largest tensor of this space" in err, err
+    assert not (tmp_path / "x").exists()
