@@ -107,6 +107,48 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TE
         raise HwawareError(f"{what}: {path}: cannot read ({exc})") from None
 
 
+MAX_YAML_DEPTH = 64  # spaces, recipes, profiles and project files nest three or four levels
+
+
+def read_yaml(path: str | Path, what: str = "yaml", max_bytes: int = 1 << 20) -> Any:
+    """A small YAML file, safely loaded: besides `read_text_file`'s refusals, malformed YAML, nesting deeper
+    than MAX_YAML_DEPTH (Python's recursion limit otherwise) and integers past Python's 4300-digit limit
+    are one HwawareError line naming the file."""
+    import yaml
+
+    path = Path(path)
+    text = read_text_file(path, what, max_bytes=max_bytes)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise HwawareError(f"{what}: {path}: malformed YAML{where}") from None
+    except RecursionError:
+        raise HwawareError(f"{what}: {path}: nested too deeply to be a settings file") from None
+    except ValueError as exc:  # int('9' * 5000): "Exceeds the limit (4300 digits) ..."
+        raise HwawareError(f"{what}: {path}: {str(exc).split(';')[0][:100]}") from None
+    if _depth(data) > MAX_YAML_DEPTH:
+        raise HwawareError(f"{what}: {path}: nested deeper than {MAX_YAML_DEPTH} levels")
+    return data
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of loaded YAML, visiting each shared (aliased) node once, without recursion."""
+    deepest, seen, stack = 0, set(), [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        deepest = max(deepest, depth)
+        if deepest > MAX_YAML_DEPTH:
+            break
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_json(path: str | Path, if_missing: str) -> Any:
     """Parse a JSON file; a missing file raises `if_missing`, an unreadable one says so, both one line."""
     path = Path(path)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, folder_lock, read_text_file
+from hwaware.io import atomic_write_text, folder_lock, read_yaml
 
 PROJECT_FILE = "hwaware.yaml"
 LOCK_NAME = f".{PROJECT_FILE}.lock"
@@ -59,12 +59,7 @@ def load_project(folder: str | Path = ".") -> Project | None:
     path = folder / PROJECT_FILE
     if not path.exists():
         return None
-    text = read_text_file(path, "project", max_bytes=MAX_BYTES)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HwawareError(f"project: {path} is unreadable ({str(exc).splitlines()[0][:120]})") from None
-    data = data or {}
+    data = read_yaml(path, "project", max_bytes=MAX_BYTES) or {}
     known = {f.name for f in fields(Project)} - {"folder"}
     if not isinstance(data, dict) or set(data) - known or not all(isinstance(v, str) for v in data.values()):
         raise HwawareError(f"project: {path} must map {', '.join(sorted(known))} to strings")

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from hwaware import bounds
@@ -50,7 +49,7 @@ from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
-from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_text_file
+from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_yaml
 from hwaware.space import Arch, SearchSpace, get_space
 from hwaware.stopping import deferred_stop, stop_here, stop_requested
 from hwaware.supernet import SuperViT
@@ -215,10 +214,7 @@ def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
         path = Path(recipe)
         if not path.exists():
             raise HwawareError(f"recipe: {excerpt(recipe)} is neither a built-in recipe ({', '.join(RECIPES)}) nor a file")
-        try:
-            values = yaml.safe_load(read_text_file(path, "recipe", max_bytes=1 << 20))
-        except yaml.YAMLError as exc:
-            raise HwawareError(f"recipe: {path}: malformed YAML ({str(exc).splitlines()[0][:120]})") from None
+        values = read_yaml(path, "recipe")
         if not isinstance(values, dict):
             raise HwawareError(f"recipe: {path}: expected a mapping of training settings")
     known = {f.name: f.type for f in fields(TrainConfig)}

@@ -373,3 +373,21 @@ def test_a_deflated_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(
     err = one_line(capsys.readouterr().err)  # refused from the zip directory, before torch.load decompressed it
     assert "data/0 declares 47.7 MiB, more than the largest tensor of this space" in err, err
     assert not (tmp_path / "x").exists()
+
+
+# ---- no "unexpected error" for hostile YAML -----------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+                                           ("a: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 64 levels"),
+                                           ("embed_dim: " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits)")])
+def test_deep_yaml_and_huge_integers_are_one_line_wherever_yaml_is_read(tmp_path, monkeypatch, capsys, text, message):
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(text)
+    assert main(["cost", "--space", "digits", "--arch", str(hostile)]) == 2
+    assert message in one_line(capsys.readouterr().err)
+    assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "r"), "--recipe", str(hostile)]) == 2
+    assert message in one_line(capsys.readouterr().err)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(hostile, tmp_path / "hwaware.yaml")
+    assert main(["search", "--latency-ms", "5"]) == 2
+    assert message in one_line(capsys.readouterr().err)

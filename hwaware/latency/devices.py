@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hwaware import bounds
 from hwaware.errors import HwawareError
-from hwaware.io import excerpt, read_text_file
+from hwaware.io import excerpt, read_yaml
 from hwaware.precision import BACKENDS, PRECISIONS
 
 
@@ -143,11 +141,7 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
     path = _profile_path(name, root)
     if not path.is_file():
         raise HwawareError(f"device: {path}: no such profile file")
-    text = read_text_file(path, "device", max_bytes=1 << 20)  # a FIFO or a huge file is refused unread
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HwawareError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "device")  # a FIFO, a huge or deep file, malformed YAML: one line
     if not isinstance(data, dict) or "match" not in data:
         raise HwawareError(f"{path}: a device profile needs at least name, match, backend and precision")
     match = data.get("match") or {}
