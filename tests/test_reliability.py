@@ -391,3 +391,34 @@ def test_deep_yaml_and_huge_integers_are_one_line_wherever_yaml_is_read(tmp_path
     shutil.copy(hostile, tmp_path / "hwaware.yaml")
     assert main(["search", "--latency-ms", "5"]) == 2
     assert message in one_line(capsys.readouterr().err)
+
+
+def test_too_few_open_files_for_the_loader_workers_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (16, 16))
+    assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "r"), "--workers", "2"]) == 2
+    assert "need at least 32 open files, and the limit (ulimit -n) is 16" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_too_few_open_files_for_the_loader_workers_is_one_line_not_a_hang(tmp_path):
+    run = subprocess.run(["sh", "-c", f'ulimit -n 16 && exec "{sys.executable}" -m hwaware train --space digits '
+                          f'--data digits --out "{tmp_path / "r"}" --workers 2 --quiet'],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "need at least 32 open files" in one_line(run.stderr)
+
+
+def test_running_out_of_memory_says_so_and_exits_1(tmp_path, monkeypatch, capsys):
+    import hwaware.cli.space as space_cli
+
+    for error in (MemoryError(), ImportError("libtorch_cpu.so: failed to map segment from shared object"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")):
+        monkeypatch.setattr(space_cli, "cmd_space_list", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert main(["space", "list"]) == 1
+        assert one_line(capsys.readouterr().err).startswith("hwaware space: out of memory (")
+    limited = subprocess.run(["sh", "-c", f'ulimit -v 400000 && exec "{sys.executable}" -m hwaware train --space '
+                              f'digits --data digits --out "{tmp_path / "r"}" --quiet'], capture_output=True, text=True,
+                             timeout=120)
+    assert limited.returncode == 1 and "out of memory" in one_line(limited.stderr)

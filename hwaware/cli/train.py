@@ -21,6 +21,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     arch = resolve_arch(args.arch, get_space(args.space)) if args.arch else None
     config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
+    _check_open_files(config.num_workers)
     row = train_supernet(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         from pathlib import Path
@@ -31,6 +32,24 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
         print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 {val_summary(row)}; "
               f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
+
+
+def _check_open_files(workers: int) -> None:
+    """Loader workers hand batches over as file descriptors: under a tiny `ulimit -n` they fail with a
+    traceback in a worker and the training hangs. Raise the soft limit where the hard one allows, else say so."""
+    import resource
+
+    from hwaware.errors import HwawareError
+
+    needed = 24 + 4 * workers  # measured: 2 workers train under 32, not under 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not workers or soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(hard, 4 * needed), hard))
+        return
+    raise HwawareError(f"workers: {workers} data-loader processes need at least {needed} open files, and the limit "
+                       f"(ulimit -n) is {hard}; raise it or train with --workers 0")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
