@@ -12,6 +12,7 @@ import pickle
 import platform
 import random
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text, loads_strict, read_text_file
+from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text, file_sha256, loads_strict, lock_holder, read_text_file
 
 FORMAT = "hwaware-supernet-v1"
 RUN_FILE = "run.json"
@@ -193,3 +194,30 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise HwawareError(f"checkpoint: {source}: {name} holds non-finite values (NaN or inf); "
                                "the run diverged: retrain with a lower --lr or with --clip-grad")
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int]:
+    """(device, inode, mtime) of a file: an atomic replace (a training writing its next checkpoint) changes it."""
+    info = Path(path).stat()
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
+def checkpoint_state(path: str | Path, meta: dict[str, Any], read_from: tuple[int, int, int]) -> dict[str, Any]:
+    """Which state of a run a checkpoint read as `meta` is (epoch, step, complete, sha256), for an export's
+    card. `read_from` is `file_identity` taken before reading it: a file replaced meanwhile is refused, so
+    the hash is of the weights read. A run still training there, or unfinished, is a warning on stderr."""
+    path = Path(path)
+    digest = file_sha256(path)
+    if file_identity(path) != read_from:
+        raise HwawareError(f"checkpoint: {path} was replaced while it was read (a training is writing it); run again")
+    state = {"epoch": meta.get("epoch"), "step": meta.get("step"), "complete": bool(meta.get("complete")),
+             "weights": meta.get("weights"), "sha256": digest}
+    holder = lock_holder(path.parent)
+    if holder is not None:
+        who = f"hwaware {holder.get('command', '?')}, pid {holder.get('pid', '?')}"
+        print(f"hwaware: warning: {path} belongs to a run still training ({who}): this is its state at epoch "
+              f"{state['epoch']}, step {state['step']}, not the finished model", file=sys.stderr)
+    elif not state["complete"]:
+        print(f"hwaware: warning: {path} is an unfinished run (epoch {state['epoch']}, step {state['step']}); "
+              "its training did not complete", file=sys.stderr)
+    return state

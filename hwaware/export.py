@@ -121,6 +121,7 @@ def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Pa
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     except SafetensorError as exc:  # safetensors reports I/O failures (a full disk) as its own error
         raise HwawareError(f"export: cannot write {folder / WEIGHTS_FILE} ({str(exc)[:160]})") from None
+    as_user_file(folder / WEIGHTS_FILE)  # safetensors writes 0600: a Triton container of another user could not read it
     atomic_write_text(folder / CONFIG_FILE, json.dumps(vit_config(arch, space), indent=2) + "\n")
 
 

@@ -402,6 +402,29 @@ def remove_stale_temporaries(folder: Path) -> None:
                 os.unlink(entry.path)
 
 
+def lock_holder(folder: str | Path, name: str = LOCK_FILE) -> dict[str, Any] | None:
+    """The record of a process holding `folder`'s lock now ({} when it has not written one yet), or None:
+    a reader's way to learn that a writer is at work (an export from a training that is still running)."""
+    try:
+        fd = os.open(Path(folder) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _record(fd) or {}
+        except OSError:  # no locks on this filesystem: the record is all there is
+            record = _record(fd)
+            return record if record and holder_alive(record) else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, command: str, name: str = LOCK_FILE, wait: float = 0.0) -> Iterator[Path]:
     """Hold `folder/name` while `command` writes there: a second hwaware process gets one line naming

@@ -134,19 +134,21 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     calibrated on `calibration_images` training images (static mode); its float and quantized top-1
     go on the card, and it is refused past `max_accuracy_drop` points.
     """
-    from hwaware.checkpoint import check_finite
+    from hwaware.checkpoint import check_finite, checkpoint_state, file_identity
     from hwaware.evaluation import dataset_of, evaluate, load_supernet
     from hwaware.export import export_model, preflight
     from hwaware.precision import check_mode, get_precision
 
     wanted, _ = preflight(out, formats, force, precision)  # bad formats, a taken folder: refused before loading
     quantized = get_precision(precision).quantized
+    read_from = file_identity(checkpoint)
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     arch = _export_arch(arch, meta, space, checkpoint)
     data = dataset_of(meta, data)
-    card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
+    card: dict[str, Any] = {"checkpoint": str(checkpoint), "checkpoint_state": checkpoint_state(checkpoint, meta, read_from),
+                            "data": data}
     splits = {split: _split_batches(model, data, split, 512) for split in ("val", "test")}
     for split, batches in splits.items():
         card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]

@@ -422,3 +422,27 @@ def test_running_out_of_memory_says_so_and_exits_1(tmp_path, monkeypatch, capsys
                               f'digits --data digits --out "{tmp_path / "r"}" --quiet'], capture_output=True, text=True,
                              timeout=120)
     assert limited.returncode == 1 and "out of memory" in one_line(limited.stderr)
+
+
+# ---- export: which checkpoint state, and modes that follow the umask --------------------------------
+
+def test_an_export_card_names_the_checkpoint_state_and_warns_while_its_run_trains(tmp_path, capsys):
+    from hwaware.io import file_sha256
+    from hwaware.pipeline import export_checkpoint
+    from hwaware.train import train_supernet
+
+    run = tmp_path / "run"
+    train_supernet(space="digits", data="digits", out=str(run), epochs=1, batch_size=256, strategy="uniform",
+                   threads=1, progress=False)
+    old = os.umask(0o022)
+    try:
+        with folder_lock(run, "train"):  # as a training still at work there holds it
+            result = export_checkpoint(run / "last.pt", "smallest", tmp_path / "export", formats="timm")
+    finally:
+        os.umask(old)
+    state = result.card["checkpoint_state"]
+    assert state["epoch"] == 1 and state["complete"] is True and state["sha256"] == file_sha256(run / "last.pt")
+    assert "belongs to a run still training (hwaware train" in capsys.readouterr().err
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "export").rglob("*")}
+    assert "export/model.safetensors" in modes and modes == {
+        name: "0o755" if (tmp_path / name).is_dir() else "0o644" for name in modes}  # safetensors' own 0600 too
