@@ -29,7 +29,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from hwaware.errors import HwawareError
-from hwaware.io import as_user_file, atomic_write_text, read_json
+from hwaware.io import as_user_file, atomic_write_text, read_json, utc_timestamp
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
 from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
@@ -624,7 +623,7 @@ def _card_base(name: str, arch: Arch, space: SearchSpace, precision: str, batch_
 
     cost = arch_cost(arch, space)
     return {
-        "name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": name, "created": utc_timestamp(),
         "hwaware_version": hwaware.__version__, "space": space.name, "arch": arch.to_dict(),
         "arch_short": arch.short(), "params": cost.params, "flops": cost.flops, "precision": precision,
         "batch_sizes": list(batch_sizes), "onnx": None, "tensorrt": None, "triton": None,

@@ -169,6 +169,13 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number")
 
 
+def utc_timestamp() -> str:
+    """Now, as every record hwaware writes dates itself: ISO 8601 in UTC to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (checkpoints run to hundreds of MB)."""
     digest = hashlib.sha256()
