@@ -38,8 +38,8 @@ def versions() -> dict[str, str]:
 
 
 class _KeepsWriteErrors:
-    """A file for torch.save that remembers the OSError of a failed write: torch replaces it with an
-    'unexpected pos' RuntimeError, which says nothing of a full disk."""
+    """A file for torch.save that remembers what interrupted a write: torch replaces any exception from
+    it with an 'unexpected pos' RuntimeError, which says nothing of a full disk or of a stop signal."""
 
     def __init__(self, file) -> None:
         self.file, self.error = file, None
@@ -47,7 +47,7 @@ class _KeepsWriteErrors:
     def write(self, data) -> int:
         try:
             return self.file.write(data)
-        except OSError as exc:
+        except BaseException as exc:  # OSError (ENOSPC), or hwaware.stopping.Stopped
             self.error = self.error or exc
             raise
 

@@ -128,3 +128,22 @@ def test_writes_in_place_never_follow_a_symlink_out_of_the_folder(tmp_path):
     assert outside.read_text() == "kind,key\nline one\ntorn"
     atomic_write_text(partial, "x")  # an atomic write replaces the link itself
     assert outside.read_text() == "kind,key\nline one\ntorn" and not partial.is_symlink()
+
+
+def test_without_filesystem_locks_the_record_decides_and_take_over_is_a_rename(tmp_path, monkeypatch):
+    import hwaware.io as io
+
+    monkeypatch.setattr(io, "_flock", lambda fd: None)  # as on a filesystem without flock
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        live = {**process_identity(), "pid": sleeper.pid, "command": "train"}
+        live["started"] = io._start_time(sleeper.pid)
+        (tmp_path / LOCK_FILE).write_text(json.dumps(live))
+        with pytest.raises(HwawareError, match=f"in use by hwaware train \\(pid {sleeper.pid}"):
+            folder_lock(tmp_path, "search").__enter__()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with folder_lock(tmp_path, "search") as lock:  # its holder is dead now
+        assert json.loads(lock.read_text())["command"] == "search"
+    assert not lock.exists()

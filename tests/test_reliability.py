@@ -245,6 +245,17 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previou
         checkpoint.save_checkpoint(path, {"step": 2, "w": torch.ones(100_000)})
     assert checkpoint.read_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
 
+    from hwaware.stopping import Stopped
+
+    class StoppedMidWrite(FullDisk):  # a second SIGTERM while the checkpoint is written
+        def write(self, data):
+            raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: StoppedMidWrite(real_open(*a, **k)), raising=False)
+    with pytest.raises(Stopped):  # not torch's 'unexpected pos' RuntimeError
+        checkpoint.save_checkpoint(path, {"step": 3, "w": torch.ones(10)})
+    assert checkpoint.read_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
 
 @pytest.mark.skipif(subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
                                    capture_output=True).returncode != 0 if shutil.which("unshare") else True,
