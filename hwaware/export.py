@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from hwaware.errors import HwawareError
-from hwaware.io import as_user_file, atomic_write_text, read_json, utc_timestamp
+from hwaware.io import as_user_file, atomic_write_text, loads_strict, read_json, read_text_file, utc_timestamp
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
 from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
@@ -131,9 +131,9 @@ def read_model_config(path: str | Path) -> tuple[Arch, SearchSpace]:
     if not config_path.is_file():
         raise HwawareError(f"{config_path.parent}: no {CONFIG_FILE}; export with --format timm to get a loadable model")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{config_path}: unreadable ({exc})") from None
+        config = loads_strict(read_text_file(config_path, "model config"))
+    except ValueError as exc:  # NaN and Infinity too: not JSON other tools read
+        raise HwawareError(f"{config_path}: unreadable ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("architecture") != "hwaware_vit":
         raise HwawareError(f"{config_path}: not an hwaware model config (architecture must be 'hwaware_vit')")
     space = SearchSpace.from_dict(config.get("space"), source=f"{config_path}: space")
