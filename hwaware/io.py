@@ -281,7 +281,10 @@ def holder_alive(record: dict[str, Any]) -> bool:
     except PermissionError:
         pass
     started = record.get("started")
-    return not (started and me["started"] and _start_time(pid) != started)
+    if started and me["started"]:
+        return _start_time(pid) == started
+    command_line = _read_small(f"/proc/{pid}/cmdline")  # a record without a start time (older hwaware)
+    return not command_line or "hwaware" in command_line
 
 
 def _record(fd: int) -> dict[str, Any] | None:

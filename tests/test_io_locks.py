@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,11 @@ def test_a_restarted_container_and_an_unrelated_live_process_are_not_holders(tmp
         if me["started"]:
             assert not holder_alive(record)
         assert holder_alive({**record, "started": process_identity.__globals__["_start_time"](unrelated.pid)})
+        old_format = {"pid": unrelated.pid, "host": me["host"], "command": "train"}  # as earlier hwaware wrote it
+        assert not holder_alive(old_format) or not Path(f"/proc/{unrelated.pid}/cmdline").exists()  # `sleep 30`
+        (tmp_path / LOCK_FILE).write_text(json.dumps(old_format))
+        with folder_lock(tmp_path, "train"):
+            pass
     finally:
         unrelated.kill()
         unrelated.wait()
