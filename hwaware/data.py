@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import os
 import pickle
 import random
 from collections.abc import Iterator
@@ -227,16 +228,26 @@ def _require_dir(path: Path, what: str) -> None:
 
 
 def _imagefolder(root: Path, space: SearchSpace, split: str, augment: bool, auto_augment, reprob) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
     folder = root / split
     if not folder.is_dir():
         raise HwawareError(f"data: {folder} is missing; imagefolder:PATH expects PATH/train and PATH/val (and PATH/test for --split test)")
     try:
-        dataset = ImageFolder(str(folder), transform=_image_transform(space, augment, auto_augment, reprob))
+        dataset = _image_files(folder, _image_transform(space, augment, auto_augment, reprob))
     except (FileNotFoundError, RuntimeError) as exc:
         raise HwawareError(f"data: {folder}: {exc}") from None
     return dataset
+
+
+def _image_files(folder: Path, transform) -> Dataset:
+    """An image folder behind the one image door (hwaware.images): every file checked before and after decoding,
+    the scan refusing symlink loops. A bad file stops the run, or with HWAWARE_BAD_IMAGES=skip is left out and
+    counted."""
+    from hwaware.images import BAD_IMAGE_POLICIES, ImageFiles, ImageReader
+
+    policy = os.environ.get("HWAWARE_BAD_IMAGES", "error")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise HwawareError(f"HWAWARE_BAD_IMAGES: must be {' or '.join(BAD_IMAGE_POLICIES)}, got {policy[:40]!r}")
+    return ImageFiles(folder, transform, ImageReader(bad_images=policy))
 
 
 def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bool, auto_augment, reprob) -> Dataset:
@@ -400,8 +411,10 @@ def build_loader(
     world_size = dist_world if world_size is None else world_size
     drop_last = shuffle if drop_last is None else drop_last
     sampler = ResumableSampler(len(dataset), shuffle, seed, epoch, rank, world_size, start_batch * batch_size)
+    from hwaware.images import collate_readable  # leaves out the images a skipping reader refused
+
     return DataLoader(
         SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory,
+        num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
     )
 

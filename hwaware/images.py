@@ -1,0 +1,230 @@
+"""The one door every image file passes on its way to training, scoring, calibration or an accuracy check.
+
+A file is opened without blocking and refused unread unless it is a regular file (a FIFO named
+`x.jpg` must not hang a loader, `/dev/zero` must not fill memory); its pixel count is read from the
+header and checked against an explicit limit before anything is decoded (a 400-megapixel PNG of a
+few kilobytes is a decompression bomb); a file that does not decode, or is cut short, is one line
+naming it; and the tensor the transform makes must be finite. `ImageFiles` is torchvision's
+ImageFolder with that reader, and with a folder scan that refuses symlink loops instead of walking
+them until the path is too long.
+
+By default a bad file stops the run (`BAD_IMAGES = "error"`); with `bad_images="skip"` it is left
+out of its batch, counted, and each skip says how many so far.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from hwaware.errors import HwawareError
+from hwaware.io import excerpt
+
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "BAD_IMAGE_POLICIES", "BadImageError", "ImageReader",
+           "ImageFiles", "read_image", "scan_image_folder", "collate_readable"]
+
+# Pillow's own default for MAX_IMAGE_PIXELS (~89.5 M pixels: a 24-bit image of 256 MiB, 9459 x 9459), stated
+# here rather than read from Pillow's global, which any imported library may have raised or switched off.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_BYTES = 512 << 20  # a file: far above a real photo (ImageNet's largest is ~15 MB), below a disk image
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class BadImageError(HwawareError):
+    """An image file that cannot be trusted: not a regular file, too large, undecodable or non-finite."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"image: {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """The RGB image in `path`, fully decoded; BadImageError naming the file otherwise.
+
+    Checked in this order, each before any more is read: a regular file (opened non-blocking, so a
+    FIFO is refused, not waited on), at most `max_bytes`, a header Pillow recognises, at most
+    `max_pixels` pixels, then the decode itself (a truncated file is refused, never padded).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BadImageError(path, f"cannot open ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImageError(path, "not a regular file; refusing to read it")
+        if info.st_size > max_bytes:
+            raise BadImageError(path, f"{info.st_size / 2**20:.1f} MiB, over the limit of {max_bytes >> 20} MiB")
+        try:
+            with warnings.catch_warnings():  # Pillow's own bomb warning: the check below is ours, and explicit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)  # reads the header only
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise BadImageError(path, f"{width} x {height} = {width * height:,} pixels, over the limit of "
+                                              f"{max_pixels:,} (a decompression bomb?)")
+                image.load()
+                return image.convert("RGB")
+        except Image.DecompressionBombError as exc:  # over twice Pillow's global: refused inside Image.open
+            raise BadImageError(path, f"over the limit of {max_pixels:,} pixels ({str(exc)[:80]})") from None
+        except Image.UnidentifiedImageError:
+            raise BadImageError(path, "not an image Pillow can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:  # truncated, corrupt, broken header
+            raise BadImageError(path, f"cannot decode ({str(exc)[:80] or type(exc).__name__})") from None
+
+
+def check_finite_pixels(sample: Any, path: str | Path) -> Any:
+    """`sample` (a tensor from the transform) if every value is finite; BadImageError otherwise."""
+    if isinstance(sample, torch.Tensor) and sample.is_floating_point() and not bool(torch.isfinite(sample).all()):
+        raise BadImageError(path, "the transform produced non-finite pixel values")
+    return sample
+
+
+class ImageReader:
+    """`read_image` with a policy for bad files: "error" raises, "skip" returns None and counts.
+
+    The count lives in shared memory, so loader worker processes add to the same number the main
+    process reads (`skipped`).
+    """
+
+    def __init__(self, bad_images: str = "error", max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_bytes: int = MAX_IMAGE_BYTES):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise HwawareError(f"bad_images: must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {excerpt(bad_images)}")
+        for name, value in (("max_pixels", max_pixels), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HwawareError(f"{name}: must be a positive integer, got {excerpt(value)}")
+        self.bad_images, self.max_pixels, self.max_bytes = bad_images, max_pixels, max_bytes
+        self._skipped = multiprocessing.get_context().Value("q", 0) if bad_images == "skip" else None
+
+    @property
+    def skipped(self) -> int:
+        """How many bad files this reader (and its worker processes) has left out so far."""
+        return self._skipped.value if self._skipped is not None else 0
+
+    def __call__(self, path: str | Path) -> Image.Image | None:
+        try:
+            return read_image(path, self.max_pixels, self.max_bytes)
+        except BadImageError as exc:
+            return self.refuse(exc)
+
+    def refuse(self, error: BadImageError) -> None:
+        """Raise `error`, or under "skip" count it and say so on stderr (one line per file)."""
+        if self._skipped is None:
+            raise error
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            count = self._skipped.value
+        print(f"hwaware: warning: skipped {error.path} ({error.reason}); {count} bad image{'s' * (count != 1)} "
+              "skipped so far", file=sys.stderr, flush=True)
+
+
+def collate_readable(batch: Sequence[Any]) -> Any:
+    """torch's default collate over the items a skipping reader did not leave out (None)."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise HwawareError(f"data: every image of a batch of {len(batch)} was unreadable (see the warnings above)")
+    return default_collate(kept)
+
+
+# ---- the folder scan ----------------------------------------------------------------------------------
+
+
+def scan_image_folder(directory: str | Path, class_to_idx: dict[str, int], extensions: tuple[str, ...],
+                      reader: ImageReader | None = None) -> list[tuple[str, int]]:
+    """(path, class index) of every image under `directory/<class>/`, in torchvision's order.
+
+    Symlinked folders are followed, as torchvision does, but a folder reached twice (a symlink loop,
+    or two links to one folder, which would put its images in the set twice) is refused, naming the
+    link. An entry with an image extension that is not a regular file (a FIFO, a device, a dangling
+    link) is refused unread, or skipped under a skipping `reader`.
+    """
+    reader = reader or ImageReader()
+    directory = os.path.expanduser(str(directory))
+    seen: dict[tuple[int, int], str] = {}
+    samples, empty = [], []
+    for name in sorted(class_to_idx):
+        top = os.path.join(directory, name)
+        if not os.path.isdir(top):
+            continue
+        folders = _walk_once(top, extensions, seen, reader)
+        found = [(os.path.join(root, f), class_to_idx[name]) for root, files in sorted(folders) for f in files]
+        if not found:
+            empty.append(name)
+        samples += found
+    if empty:
+        raise HwawareError(f"data: {directory}: no images for the class{'es' * (len(empty) > 1)} "
+                           f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                           f"(image extensions: {', '.join(extensions)})")
+    return samples
+
+
+def _walk_once(top: str, extensions: tuple[str, ...], seen: dict[tuple[int, int], str],
+               reader: ImageReader) -> list[tuple[str, list[str]]]:
+    """(folder, sorted image names) for `top` and every folder below it, each real folder entered once."""
+    folders, stack = [], [top]
+    while stack:
+        root = stack.pop()
+        try:
+            info = os.stat(root)
+            entries = list(os.scandir(root))
+        except OSError as exc:
+            raise HwawareError(f"data: cannot read folder {root} ({exc.strerror or exc})") from None
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            first = seen[key]
+            kind = "a symlink loop" if (root + os.sep).startswith(first + os.sep) else "a second link"
+            raise HwawareError(f"data: {root} is {kind} to {first}; an image folder must reach each folder once")
+        seen[key] = root
+        files = []
+        for entry in entries:
+            if entry.is_dir():  # follows symlinks, as torchvision's scan does
+                stack.append(entry.path)
+            elif entry.name.lower().endswith(extensions):
+                if entry.is_file():
+                    files.append(entry.name)
+                else:
+                    reader.refuse(BadImageError(entry.path, "not a regular file; refusing to read it"))
+        folders.append((root, sorted(files)))
+    return folders
+
+
+class ImageFiles(Dataset):
+    """torchvision's ImageFolder (same classes, same sample order, same `classes`, `samples`, `targets`)
+    read through `ImageReader`, its transform's output checked finite, its scan bounded (`scan_image_folder`).
+
+    torchvision is imported here, not with the module: a loader over digits need not pay for it.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, reader: ImageReader | None = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+        self.root, self.transform, self.reader = str(root), transform, reader or ImageReader()
+        self.classes, self.class_to_idx = find_classes(self.root)
+        self.samples = scan_image_folder(self.root, self.class_to_idx, IMG_EXTENSIONS, self.reader)
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = self.reader(path)
+        if image is None:
+            return None  # skipped and counted; collate_readable leaves it out of the batch
+        sample = self.transform(image) if self.transform is not None else image
+        try:
+            check_finite_pixels(sample, path)
+        except BadImageError as exc:
+            return self.reader.refuse(exc)
+        return sample, target
