@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hwaware.errors import HwawareError
+from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
 
 __all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed"]
@@ -46,6 +47,9 @@ ANIMALS_FILES = {  # file in the wheel's animal_mnist/data/Animal_MNIST/ -> its 
     "labels": ("animal_label_version_3.gz", "dec8dba7c469830989fbab46825021a08a38470753a512f27ada847eced97b57"),
 }
 ANIMALS_FRACTIONS = (0.60, 0.20, 0.20)
+# one file of a dataset read whole (animals' arrays, a CIFAR batch: 2.6 and 31 MB): a device, a FIFO or a file
+# over this is refused before it is read, wherever the dataset was pointed
+DATASET_FILE_MAX_BYTES = 256 << 20
 ANIMALS_SHIFT = 2  # training jitter: random translation by up to this many pixels (zero padded), plus a mirror
 
 
@@ -106,10 +110,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 def read_array_pickle(path: Path, sha256: str) -> np.ndarray:
     """A gzip'd pickle of one numeric numpy array, after checking the file's SHA-256; HwawareError otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise HwawareError(f"data: cannot read {path} ({exc.strerror or exc})") from None
+    raw = read_bytes_file(path, "data", DATASET_FILE_MAX_BYTES)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise HwawareError(f"data: {path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; reinstall it")
@@ -256,6 +257,8 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if classes == 10 else CIFAR100
+    _check_dataset_files(root / cls.base_folder, [name for name, _ in cls.train_list + cls.test_list]
+                         + [cls.meta["filename"]])
     try:
         dataset = cls(str(root), train=split != "test", download=False,
                       transform=_image_transform(space, augment, auto_augment, reprob))
@@ -270,6 +273,15 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     subset = Subset(dataset, keep.tolist())
     subset.classes = dataset.classes
     return subset
+
+
+def _check_dataset_files(folder: Path, names: list[str]) -> None:
+    """Refuse, unread, any of `names` in `folder` that is not a regular file of at most DATASET_FILE_MAX_BYTES
+    (torchvision would hash it whole first: /dev/zero never ends, a FIFO never answers). Missing ones are
+    left to the dataset's own message."""
+    for name in names:
+        if os.path.lexists(folder / name):
+            check_regular_file(folder / name, "data", DATASET_FILE_MAX_BYTES)
 
 
 def _check_fit(spec: str, space: SearchSpace, num_classes: int, chans: int | None, size: int | None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import stat
 import sys
 import warnings
@@ -76,7 +77,9 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: 
                 image.load()
                 return image.convert("RGB")
         except Image.DecompressionBombError as exc:  # over twice Pillow's global: refused inside Image.open
-            raise BadImageError(path, f"over the limit of {max_pixels:,} pixels ({str(exc)[:80]})") from None
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+            raise BadImageError(path, f"{pixels}, over the limit of {max_pixels:,} (a decompression bomb?)") from None
         except Image.UnidentifiedImageError:
             raise BadImageError(path, "not an image Pillow can read") from None
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:  # truncated, corrupt, broken header
