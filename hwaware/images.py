@@ -44,9 +44,22 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 class BadImageError(HwawareError):
     """An image file that cannot be trusted: not a regular file, too large, undecodable or non-finite."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str | None = None):
+        if reason is None:  # re-raised from a loader worker: torch hands over its whole report as one string
+            path, reason = _from_worker_report(str(path))
         super().__init__(f"image: {path}: {reason}")
         self.path, self.reason = str(path), reason
+
+
+def _from_worker_report(report: str) -> tuple[str, str]:
+    """(path, reason) from the traceback text torch's DataLoader passes when a worker raised BadImageError,
+    so the user still reads one line naming the file, not the worker's traceback."""
+    marker = f"{BadImageError.__module__}.{BadImageError.__qualname__}: image: "
+    lines = [line for line in report.splitlines() if line.startswith(marker)]
+    if not lines:
+        return "?", report.strip().splitlines()[-1][:200] if report.strip() else "unreadable"
+    path, _, reason = lines[-1][len(marker):].rpartition(": ")
+    return path, reason
 
 
 def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:

@@ -160,3 +160,33 @@ def test_two_links_to_one_folder_would_list_its_images_twice(tmp_path):
         os.symlink(tmp_path / "shared", root / "train" / label / "shared")
     with pytest.raises(HwawareError, match=r"train/b/shared is a second link to .*train/a/shared"):
         build_dataset(f"imagefolder:{root}", RGB, "train")
+
+
+def test_a_bad_image_in_a_loader_worker_is_still_one_line_naming_it(tmp_path):
+    root = _folder(tmp_path, bad=_truncated)
+    dataset = ImageFiles(root / "train", lambda image: torch.zeros(3, 4, 4))
+    with pytest.raises(BadImageError) as caught:
+        list(build_loader(dataset, RGB, "train", batch_size=5, num_workers=1))
+    assert str(caught.value) == f"image: {root / 'train' / 'a' / 'bad.png'}: cannot decode (image file is truncated)"
+
+
+@pytest.mark.slow
+def test_train_on_an_image_folder_holding_a_bomb_is_one_line(tmp_path):
+    """The issue's case end to end: `hwaware train --data imagefolder:...` (8 loader workers by default)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    for split in ("train", "val"):
+        _folder(tmp_path / "data", split)
+    Image.new("1", (15000, 15000)).save(tmp_path / "data" / "train" / "a" / "bomb.png")
+    (tmp_path / "rgb.yaml").write_text(yaml.safe_dump({**RGB.to_dict(), "num_classes": 2}))
+    result = subprocess.run([sys.executable, "-m", "hwaware.cli", "train", "--space", "rgb.yaml", "--data",
+                             "imagefolder:data", "--out", "run", "--epochs", "1", "--batch-size", "4", "--threads",
+                             "1", "--quiet"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # torch's own warnings about worker counts may come first
+    assert last == ("hwaware train: error: image: data/train/a/bomb.png: 225,000,000 pixels, over the limit of "
+                    "89,478,485 (a decompression bomb?)"), result.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
