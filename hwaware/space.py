@@ -7,6 +7,7 @@ can be priced, bred and written to disk anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -373,12 +374,23 @@ def largest_model_bytes(space: SearchSpace, batch_size: int = 1) -> int:
     return FLOAT32_BYTES * (weights + batch_size * (activations + space.in_chans * space.img_size**2))
 
 
+@functools.cache
 def memory_limit_bytes() -> int | None:
-    """This machine's physical memory (None where the OS does not say): no space may need more."""
+    """The memory this process may use: the machine's physical memory, or its container's (cgroup v2) limit
+    where that is lower; None where the OS says neither. No space may need more."""
+    limits = []
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, OSError, ValueError):
-        return None
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # "max" when unlimited
+            text = f.read(64).strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits) if limits else None
 
 
 def _gib(n: int) -> str:
