@@ -2,14 +2,14 @@
 
 A file is opened without blocking and refused unread unless it is a regular file (a FIFO named
 `x.jpg` must not hang a loader, `/dev/zero` must not fill memory); its pixel count is read from the
-header and checked against an explicit limit before anything is decoded (a 400-megapixel PNG of a
-few kilobytes is a decompression bomb); a file that does not decode, or is cut short, is one line
+header and checked against an explicit limit before anything is decoded (a 225-megapixel PNG of
+27 KB is a decompression bomb); a file that does not decode, or is cut short, is one line
 naming it; and the tensor the transform makes must be finite. `ImageFiles` is torchvision's
 ImageFolder with that reader, and with a folder scan that refuses symlink loops instead of walking
 them until the path is too long.
 
-By default a bad file stops the run (`BAD_IMAGES = "error"`); with `bad_images="skip"` it is left
-out of its batch, counted, and each skip says how many so far.
+By default a bad file stops the run (`ImageReader("error")`); with `ImageReader("skip")` (the CLI:
+HWAWARE_BAD_IMAGES=skip) it is left out of its batch, counted, and each skip says how many so far.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "BAD_IMAGE_POLICIES", "BadImag
 # Pillow's own default for MAX_IMAGE_PIXELS (~89.5 M pixels: a 24-bit image of 256 MiB, 9459 x 9459), stated
 # here rather than read from Pillow's global, which any imported library may have raised or switched off.
 MAX_IMAGE_PIXELS = 89_478_485
-MAX_IMAGE_BYTES = 512 << 20  # a file: far above a real photo (ImageNet's largest is ~15 MB), below a disk image
+MAX_IMAGE_BYTES = 512 << 20  # one file: far above any photo a ViT trains on, far below a disk image
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
