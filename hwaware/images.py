@@ -8,31 +8,34 @@ naming it; and the tensor the transform makes must be finite. `ImageFiles` is to
 ImageFolder with that reader, and with a folder scan that refuses symlink loops instead of walking
 them until the path is too long.
 
-By default a bad file stops the run (`ImageReader("error")`); with `ImageReader("skip")` (the CLI:
-HWAWARE_BAD_IMAGES=skip) it is left out of its batch, counted, and each skip says how many so far.
+By default a bad file stops the run (`ImageReader("error")`). With `ImageReader("skip")` (the CLI:
+HWAWARE_BAD_IMAGES=skip) the scan opens each file's header and leaves out, counting them, the files it
+already shows bad (not a regular file, too large, not an image, a bomb). A file that fails only while
+decoding still stops the run, naming it: leaving it out then would change which images an epoch, a
+resumed run or a score's fingerprinted image set holds.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import re
 import stat
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from hwaware.errors import HwawareError
 from hwaware.io import excerpt
 
 __all__ = ["MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "BAD_IMAGE_POLICIES", "BadImageError", "ImageReader",
-           "ImageFiles", "read_image", "scan_image_folder", "collate_readable"]
+           "ImageFiles", "read_image", "check_image_header", "scan_image_folder"]
 
 # Pillow's own default for MAX_IMAGE_PIXELS (~89.5 M pixels: a 24-bit image of 256 MiB, 9459 x 9459), stated
 # here rather than read from Pillow's global, which any imported library may have raised or switched off.
@@ -69,6 +72,23 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: 
     FIFO is refused, not waited on), at most `max_bytes`, a header Pillow recognises, at most
     `max_pixels` pixels, then the decode itself (a truncated file is refused, never padded).
     """
+    with _opened(path, max_pixels, max_bytes) as image:
+        try:
+            image.load()
+            return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:  # truncated, corrupt data
+            raise BadImageError(path, f"cannot decode ({str(exc)[:80] or type(exc).__name__})") from None
+
+
+def check_image_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    """Every check of `read_image` short of decoding: what a scan can afford for each file."""
+    with _opened(path, max_pixels, max_bytes):
+        pass
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path, max_pixels: int, max_bytes: int) -> Iterator[Image.Image]:
+    """`path` opened by Pillow (header read, pixels not) after the file checks, with its pixel count checked."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -83,20 +103,20 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: 
             with warnings.catch_warnings():  # Pillow's own bomb warning: the check below is ours, and explicit
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(f)  # reads the header only
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise BadImageError(path, f"{width} x {height} = {width * height:,} pixels, over the limit of "
-                                              f"{max_pixels:,} (a decompression bomb?)")
-                image.load()
-                return image.convert("RGB")
         except Image.DecompressionBombError as exc:  # over twice Pillow's global: refused inside Image.open
             found = re.search(r"\((\d+) pixels\)", str(exc))
             pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
             raise BadImageError(path, f"{pixels}, over the limit of {max_pixels:,} (a decompression bomb?)") from None
         except Image.UnidentifiedImageError:
             raise BadImageError(path, "not an image Pillow can read") from None
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:  # truncated, corrupt, broken header
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header that breaks the parser
             raise BadImageError(path, f"cannot decode ({str(exc)[:80] or type(exc).__name__})") from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImageError(path, f"{width} x {height} = {width * height:,} pixels, over the limit of "
+                                      f"{max_pixels:,} (a decompression bomb?)")
+        with image:
+            yield image
 
 
 def check_finite_pixels(sample: Any, path: str | Path) -> Any:
@@ -107,11 +127,8 @@ def check_finite_pixels(sample: Any, path: str | Path) -> Any:
 
 
 class ImageReader:
-    """`read_image` with a policy for bad files: "error" raises, "skip" returns None and counts.
-
-    The count lives in shared memory, so loader worker processes add to the same number the main
-    process reads (`skipped`).
-    """
+    """`read_image` with its limits and a policy for bad files found by the scan: "error" refuses them,
+    "skip" checks each file's header there and leaves out (and counts) those it shows bad."""
 
     def __init__(self, bad_images: str = "error", max_pixels: int = MAX_IMAGE_PIXELS,
                  max_bytes: int = MAX_IMAGE_BYTES):
@@ -121,36 +138,30 @@ class ImageReader:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise HwawareError(f"{name}: must be a positive integer, got {excerpt(value)}")
         self.bad_images, self.max_pixels, self.max_bytes = bad_images, max_pixels, max_bytes
-        self._skipped = multiprocessing.get_context().Value("q", 0) if bad_images == "skip" else None
+        self.skipped: list[BadImageError] = []  # what the scan left out, in scan order
 
-    @property
-    def skipped(self) -> int:
-        """How many bad files this reader (and its worker processes) has left out so far."""
-        return self._skipped.value if self._skipped is not None else 0
+    def __call__(self, path: str | Path) -> Image.Image:
+        return read_image(path, self.max_pixels, self.max_bytes)
 
-    def __call__(self, path: str | Path) -> Image.Image | None:
+    def admit(self, path: str) -> bool:
+        """At the scan: under "skip", False (counted, one warning line) for a file whose header shows it bad."""
+        if self.bad_images != "skip":
+            return True
         try:
-            return read_image(path, self.max_pixels, self.max_bytes)
+            check_image_header(path, self.max_pixels, self.max_bytes)
+            return True
         except BadImageError as exc:
-            return self.refuse(exc)
+            self.refuse(exc)
+            return False
 
     def refuse(self, error: BadImageError) -> None:
         """Raise `error`, or under "skip" count it and say so on stderr (one line per file)."""
-        if self._skipped is None:
+        if self.bad_images != "skip":
             raise error
-        with self._skipped.get_lock():
-            self._skipped.value += 1
-            count = self._skipped.value
+        self.skipped.append(error)
+        count = len(self.skipped)
         print(f"hwaware: warning: skipped {error.path} ({error.reason}); {count} bad image{'s' * (count != 1)} "
               "skipped so far", file=sys.stderr, flush=True)
-
-
-def collate_readable(batch: Sequence[Any]) -> Any:
-    """torch's default collate over the items a skipping reader did not leave out (None)."""
-    kept = [item for item in batch if item is not None]
-    if not kept:
-        raise HwawareError(f"data: every image of a batch of {len(batch)} was unreadable (see the warnings above)")
-    return default_collate(kept)
 
 
 # ---- the folder scan ----------------------------------------------------------------------------------
@@ -193,7 +204,6 @@ def _walk_once(top: str, extensions: tuple[str, ...], seen: dict[tuple[int, int]
         root = stack.pop()
         try:
             info = os.stat(root)
-            entries = list(os.scandir(root))
         except OSError as exc:
             raise HwawareError(f"data: cannot read folder {root} ({exc.strerror or exc})") from None
         key = (info.st_dev, info.st_ino)
@@ -202,16 +212,21 @@ def _walk_once(top: str, extensions: tuple[str, ...], seen: dict[tuple[int, int]
             kind = "a symlink loop" if (root + os.sep).startswith(first + os.sep) else "a second link"
             raise HwawareError(f"data: {root} is {kind} to {first}; an image folder must reach each folder once")
         seen[key] = root
-        files = []
+        try:
+            entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise HwawareError(f"data: cannot read folder {root} ({exc.strerror or exc})") from None
+        files, below = [], []
         for entry in entries:
             if entry.is_dir():  # follows symlinks, as torchvision's scan does
-                stack.append(entry.path)
+                below.append(entry.path)
             elif entry.name.lower().endswith(extensions):
-                if entry.is_file():
-                    files.append(entry.name)
-                else:
+                if not entry.is_file():
                     reader.refuse(BadImageError(entry.path, "not a regular file; refusing to read it"))
-        folders.append((root, sorted(files)))
+                elif reader.admit(entry.path):
+                    files.append(entry.name)
+        stack.extend(reversed(below))  # depth first, in name order: the same folder is named in every run
+        folders.append((root, files))
     return folders
 
 
@@ -236,11 +251,5 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         image = self.reader(path)
-        if image is None:
-            return None  # skipped and counted; collate_readable leaves it out of the batch
         sample = self.transform(image) if self.transform is not None else image
-        try:
-            check_finite_pixels(sample, path)
-        except BadImageError as exc:
-            return self.reader.refuse(exc)
-        return sample, target
+        return check_finite_pixels(sample, path), target
