@@ -9,7 +9,7 @@ from PIL import Image
 
 from hwaware.data import build_dataset, build_loader
 from hwaware.errors import HwawareError
-from hwaware.images import MAX_IMAGE_PIXELS, BadImageError, ImageFiles, ImageReader, read_image
+from hwaware.images import MAX_IMAGE_PIXELS, BadImageError, ImageFiles, read_image
 from hwaware.space import SearchSpace
 
 RGB = SearchSpace("rgb", (16,), (1,), (1,), (1.0,), head_dim=8, img_size=32, patch_size=16, in_chans=3, num_classes=2)
