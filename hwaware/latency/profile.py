@@ -43,12 +43,19 @@ def space_pieces(space: SearchSpace) -> list[Piece]:
 
 
 def sample_subnets(space: SearchSpace, count: int, rng: random.Random) -> list[Arch]:
-    """`count` distinct random subnets (fewer if the space has fewer)."""
+    """`count` distinct random subnets; a space with fewer is refused, never quietly handed back fewer (a
+    recalibration's hold-out would shrink to nothing)."""
+    if count > space.num_subnets():
+        raise HwawareError(f"subnets: {count} distinct subnets asked of space {space.name}, which has only "
+                           f"{space.num_subnets()}")
     chosen: dict[Arch, None] = {}
     for _ in range(count * 50):
         if len(chosen) >= count:
             break
         chosen.setdefault(space.sample(rng))
+    if len(chosen) < count:
+        raise HwawareError(f"subnets: {count * 50} draws from space {space.name} found {len(chosen)} distinct "
+                           f"subnets of the {count} asked; ask for fewer")
     return list(chosen)
 
 
