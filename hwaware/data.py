@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hwaware.errors import HwawareError
 from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
+from hwaware.stopping import ignore_stop_signals_in_worker
 
 __all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed", "has_split", "dataset_targets",
            "stratified_sample", "image_ids"]
@@ -524,6 +525,6 @@ def build_loader(
     sampler = ResumableSampler(len(dataset), shuffle, seed, epoch, rank, world_size, start_batch * batch_size)
     return DataLoader(
         SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory,
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals_in_worker,
     )
 
