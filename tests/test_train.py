@@ -353,9 +353,10 @@ def test_mixed_precision_step_on_cuda(amp):
 @pytest.mark.parametrize("overrides, message", [
     ({"seed": -1}, "seed: must be >= 0"),
     ({"min_lr": 1.0, "lr": 0.01}, "min_lr: 1 is above the peak lr 0.01"),
-    ({"device": "mps"}, "device: 'mps' is not auto, cpu, cuda or cuda:N"),
+    ({"compute_device": "mps"}, "compute_device: 'mps' is not auto, cpu, cuda or cuda:N"),
     ({"num_workers": 100000}, "num_workers: 100000 data-loader processes"),
-    ({"batch_size": 100000}, "batch_size: 100000 x 1 ranks exceeds the 1257 training images"),
+    ({"batch_size": 100000}, "batch_size: 100000 x 1 ranks x 1 accumulated exceeds the 1257 training images"),
+    ({"global_batch": 96, "batch_size": 64}, "global_batch: 96 is not a multiple of batch_size 64 x 1 ranks"),
 ])
 def test_refused_settings_write_nothing_so_the_corrected_command_runs(tmp_path, overrides, message):
     out = tmp_path / "run"

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from hwaware.cli import bounded
 from hwaware.io import dumps_strict
 
-_TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "seed", "checkpoint_every", "num_workers",
-                "device", "threads", "init_from", "distill")
+_TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "global_batch", "lr", "min_lr",
+                "warmup_epochs", "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "aug_repeats", "seed",
+                "checkpoint_every", "num_workers", "val_images", "compute_device", "threads", "init_from", "distill")
+
+
+def add_compute_device(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--compute-device` (the torch device work runs on), and `--device` as its deprecated alias: elsewhere
+    `--device` names a latency device profile (profiles/<name>.yaml)."""
+    parser.add_argument("--compute-device", dest="compute_device", default=default,
+                        help="torch device: auto (the GPU when there is one), cpu, cuda, cuda:N (default "
+                        f"{default or 'auto'})")
+    parser.add_argument("--device", dest="deprecated_device", help=argparse.SUPPRESS)
+
+
+def compute_device(args: argparse.Namespace, command: str) -> str | None:
+    """The --compute-device a command was given, taking the deprecated --device with one warning line."""
+    if args.deprecated_device is None:
+        return args.compute_device
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one warning
+        print(f"hwaware {command}: warning: --device is deprecated here, use --compute-device (--device names a "
+              "latency device profile on profile, search, export and bench)", file=sys.stderr)
+    return args.compute_device or args.deprecated_device
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import os
-
     from hwaware.space import get_space, resolve_arch
     from hwaware.train import make_config, train_supernet, val_summary
 
+    args.compute_device = compute_device(args, "train")
     arch = resolve_arch(args.arch, get_space(args.space)) if args.arch else None
     config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
     row = train_supernet(config)
@@ -62,11 +82,18 @@ def register(sub) -> None:
     train.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                        help="sandwich: distil smaller subnets from the largest; --arch --init-from: from the "
                        "supernet's largest (default on)")
-    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's; "
-                       "--arch trains one subnet)")
+    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling: uniform = one random "
+                       "subnet per step (AutoFormer; the imagenet recipe), sandwich = largest + smallest + --num-random "
+                       "random ones (digits, animals), 3.07x uniform's FLOPs per step on autoformer-t; --arch trains "
+                       "one subnet")
     train.add_argument("--num-random", dest="num_random", type=bounded(int, 0, 64), help="sandwich: random subnets per step")
     train.add_argument("--epochs", type=bounded(int, 1, 100000))
-    train.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), help="per process")
+    train.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), help="per process and "
+                       "micro-batch")
+    train.add_argument("--global-batch", dest="global_batch", type=bounded(int, 0, 1 << 24),
+                       help="images per optimizer step over all processes, reached by gradient accumulation (imagenet: "
+                       "1024, the batch its --lr is for: 8 GPUs x 128, or 2 x 128 x 4 accumulated); 0 = batch x "
+                       "processes. With another global batch, scale --lr by the same factor")
     train.add_argument("--lr", type=bounded(float, 0, 10), help="peak learning rate (AdamW, cosine with warm-up)")
     train.add_argument("--min-lr", dest="min_lr", type=bounded(float, 0, 10))
     train.add_argument("--warmup-epochs", dest="warmup_epochs", type=bounded(float, 0, 100000))
@@ -74,11 +101,16 @@ def register(sub) -> None:
     train.add_argument("--drop-path", dest="drop_path", type=bounded(float, 0, 0.99))
     train.add_argument("--clip-grad", dest="clip_grad", type=bounded(float, 0), help="max gradient norm (0: off)")
     train.add_argument("--ema-decay", dest="ema_decay", type=bounded(float, 0, 0.99999), help="keep an EMA of the weights (0: off)")
-    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
+    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA (auto: bf16 on "
+                       "compute capability 8.0+, fp16 with a grad scaler before, e.g. V100, T4)")
+    train.add_argument("--aug-repeats", dest="aug_repeats", type=bounded(int, 1, 16), help="repeated augmentation: "
+                       "copies of each image per epoch, on different processes (imagenet: 3; 1 = off)")
     train.add_argument("--seed", type=bounded(int, 0))
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=bounded(int, 0), help="steps between checkpoints")
     train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes")
-    train.add_argument("--device", help="auto, cpu, cuda (default auto)")
+    train.add_argument("--val-images", dest="val_images", type=bounded(int, 0), help="validate each epoch on this "
+                       "many val images, a fixed seeded subset (imagenet: 10000; 0 = all)")
+    add_compute_device(train)
     train.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads for torch (default: torch's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
