@@ -148,12 +148,27 @@ def _node_command(port: int, node: int, out: Path, *flags: str) -> list[str]:
 
 def _two_nodes(port: int, outs: list[Path], flags: tuple[str, ...], logs: list[Path]) -> list[subprocess.Popen]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen(_node_command(port, node, outs[node], *flags), env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=open(logs[node], "w")) for node in range(2)]
+    return [subprocess.Popen(_node_command(port, node, outs[node], *flags), env=env, stdout=subprocess.DEVNULL,
+                             stderr=open(logs[node], "w")) for node in range(2)]
+
+
+def _kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent and its workers (which torchrun starts in sessions of their own), as a node dies."""
+    import signal
+
+    try:
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in [*map(int, children), agent.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    agent.wait()
 
 
 def _finish(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    import signal
     import time
 
     deadline = time.monotonic() + timeout
@@ -161,9 +176,8 @@ def _finish(processes: list[subprocess.Popen], timeout: float) -> list[int | Non
         time.sleep(0.2)
     codes = [p.poll() for p in processes]
     for p in processes:
-        if p.poll() is None:  # hung: end the whole agent and its worker, by the agent's own process group
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        if p.poll() is None:  # hung
+            _kill_node(p)
     return codes
 
 
@@ -171,7 +185,6 @@ def _finish(processes: list[subprocess.Popen], timeout: float) -> list[int | Non
 def test_two_nodes_without_a_shared_folder_resume_after_a_kill(tmp_path):
     """Two torchrun agents on localhost, each with its own --out: killed mid-epoch, restarted, they finish as
     the uninterrupted run does (node 1 used to restart at step 0 against node 0's step 15 and hang)."""
-    import signal
     import time
 
     flags = ("--epochs", "2", "--batch-size", "64", "--strategy", "sandwich", "--checkpoint-every", "3")
@@ -186,8 +199,7 @@ def test_two_nodes_without_a_shared_folder_resume_after_a_kill(tmp_path):
     while not (outs[0] / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     for p in processes:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        _kill_node(p)
     _, meta = load_supernet(outs[0] / "last.pt")
     assert not meta["complete"] and meta["step"] % 9 != 0  # 629 images per rank: 9 steps an epoch; killed mid-epoch
     assert not (outs[1] / "last.pt").exists()  # node 1 has nothing of its own to resume from
