@@ -538,3 +538,32 @@ def test_train_logs_lines_not_bars_off_a_terminal_and_takes_the_old_device_flag(
     lines = err.splitlines()
     assert any(line.startswith("epoch 1/1: 100% 4/4 step  loss=") for line in lines), err
     assert any(line.startswith("epoch 1/1  loss ") for line in lines)
+
+
+def test_progress_off_a_terminal_is_a_line_per_tenth_and_a_bar_on_one():
+    import io
+
+    from hwaware.progress import LineProgress, progress
+
+    log = io.StringIO()
+    with progress(total=40, initial=4, desc="epoch 2/9", unit="step", file=log) as bar:
+        for i in range(36):
+            bar.set_postfix(loss=f"{i:.1f}", refresh=False)
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 9  # 8, 12, ..., 40: resumed at 4, so 9 of the 10 tenths
+    assert lines[0].startswith("epoch 2/9: 20% 8/40 step  loss=3.0  ") and "left" in lines[0]
+    assert lines[-1].startswith("epoch 2/9: 100% 40/40 step  loss=35.0  ") and "left" not in lines[-1]
+    log = io.StringIO()
+    assert list(progress(range(3), desc="gen", file=log, every=1)) == [0, 1, 2]
+    assert [line.split(":")[1].split()[1] for line in log.getvalue().splitlines()] == ["1/3", "2/3", "3/3"]
+    silent = io.StringIO()
+    with progress(total=5, file=silent, disable=True) as bar:
+        bar.update(5)
+    assert silent.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not isinstance(progress(total=3, file=Terminal()), LineProgress)  # tqdm's bar where someone watches
