@@ -238,10 +238,13 @@ def _posterize(image, bits: int, **_op_settings):
 
 
 def _posterize_to_zero_bits(transform):
-    """Point every Posterize op of timm's RandAugment, AugMix or AutoAugment in `transform` at `_posterize`."""
+    """Point every posterize op of timm's RandAugment, AugMix or AutoAugment in `transform` at `_posterize`
+    (found by timm's function, which all three Posterize variants call, not by a name older timm lacks)."""
+    from timm.data import auto_augment
+
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", None) or [op for policy in getattr(step, "policy", []) for op in policy]:
-            if getattr(op, "name", "").startswith("Posterize"):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
                 op.aug_fn = _posterize
     return transform
 

@@ -107,12 +107,13 @@ def register(sub) -> None:
                        "copies of each image per epoch, on different processes (imagenet: 3; 1 = off)")
     train.add_argument("--seed", type=bounded(int, 0))
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=bounded(int, 0), help="steps between checkpoints")
-    train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes")
+    train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes per "
+                       "process and loader, started once and kept for the whole run")
     train.add_argument("--val-images", dest="val_images", type=bounded(int, 0), help="validate each epoch on this "
                        "many val images, a fixed seeded subset (imagenet: 10000; 0 = all)")
     add_compute_device(train)
     train.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads for torch (default: torch's)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="top-1 / top-5 of one subnet of a trained supernet")
