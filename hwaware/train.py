@@ -7,7 +7,7 @@ fine-tuning), optionally distilled from that supernet's largest subnet as a froz
 
 Every random choice of a step is drawn from a seed made of (run seed, step): the subnet(s)
 from a stream shared by all ranks (so DDP ranks train the same subnet), drop path and mixup
-from a per-rank stream, and each image's augmentation from (seed, epoch, index) in
+from a per-rank stream, and each image's augmentation from (seed, epoch, index[, copy]) in
 `hwaware.data`. A run killed anywhere therefore resumes from its last checkpoint onto exactly
 the path the uninterrupted run would have taken (bit-identical on CPU).
 

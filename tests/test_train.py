@@ -213,6 +213,12 @@ def test_train_cli_bad_input(tmp_path, capsys):
     assert main(["train", "--space", "digits", "--data", f"imagefolder:{tmp_path}/none", "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing claimed for a failed start
+    if not torch.cuda.is_available():
+        assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "z"),
+                     "--compute-device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "asked for CUDA but none is available" in err
+        assert not (tmp_path / "z").exists()
 
 
 # ---- fixed-subnet training and fine-tuning ------------------------------------------------------
