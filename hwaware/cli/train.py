@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from hwaware.cli import bounded
 from hwaware.io import dumps_strict
@@ -14,30 +13,12 @@ _TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "bat
                 "checkpoint_every", "num_workers", "val_images", "compute_device", "threads", "init_from", "distill")
 
 
-def add_compute_device(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """`--compute-device` (the torch device work runs on), and `--device` as its deprecated alias: elsewhere
-    `--device` names a latency device profile (profiles/<name>.yaml)."""
-    parser.add_argument("--compute-device", dest="compute_device", default=default,
-                        help="torch device: auto (the GPU when there is one), cpu, cuda, cuda:N (default "
-                        f"{default or 'auto'})")
-    parser.add_argument("--device", dest="deprecated_device", help=argparse.SUPPRESS)
-
-
-def compute_device(args: argparse.Namespace, command: str) -> str | None:
-    """The --compute-device a command was given, taking the deprecated --device with one warning line."""
-    if args.deprecated_device is None:
-        return args.compute_device
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one warning
-        print(f"hwaware {command}: warning: --device is deprecated here, use --compute-device (--device names a "
-              "latency device profile on profile, search, export and bench)", file=sys.stderr)
-    return args.compute_device or args.deprecated_device
-
-
 def cmd_train(args: argparse.Namespace) -> None:
+    from hwaware.cli._scoring import deprecated_device
     from hwaware.space import get_space, resolve_arch
     from hwaware.train import make_config, train_supernet, val_summary
 
-    args.compute_device = compute_device(args, "train")
+    deprecated_device(args, "train")
     arch = resolve_arch(args.arch, get_space(args.space)) if args.arch else None
     config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
     row = train_supernet(config)
@@ -53,17 +34,25 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    import os
+
+    from hwaware.cli._scoring import deprecated_device, scoring_options
     from hwaware.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data,
-                                 batch_size=args.batch_size, device=args.device)
+    deprecated_device(args, "evaluate")
+    options = scoring_options(args)
+    images, seed = options.pop("images", None), options.pop("seed", 0)
+    result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data, images=images,
+                                 seed=seed, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the reduced figures; one prints
+        return
     if args.json:
         print(dumps_strict(result))
         return
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     from hwaware.space import Arch
 
-    print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['n']} images of {result['data']}, "
+    print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['images']} of {result['data']}, "
           f"arch {Arch.from_dict(result['arch']).short()}, epoch {result['epoch']})")
 
 
@@ -111,7 +100,9 @@ def register(sub) -> None:
                        "process and loader, started once and kept for the whole run")
     train.add_argument("--val-images", dest="val_images", type=bounded(int, 0), help="validate each epoch on this "
                        "many val images, a fixed seeded subset (imagenet: 10000; 0 = all)")
-    add_compute_device(train)
+    train.add_argument("--compute-device", dest="compute_device", help="torch device: auto (this rank's GPU if any, "
+                       "else cpu), cpu, cuda, cuda:N (default auto)")
+    train.add_argument("--device", dest="torch_device", help=argparse.SUPPRESS)  # deprecated: --compute-device
     train.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads for torch (default: torch's)")
     train.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     train.set_defaults(func=cmd_train)
@@ -122,7 +113,11 @@ def register(sub) -> None:
                     "trained, else largest)")
     ev.add_argument("--split", choices=["val", "test"], default="val")
     ev.add_argument("--data", help="dataset spec (default: the one the supernet was trained on)")
-    ev.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), default=256)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", dest="torch_device", help=argparse.SUPPRESS)  # deprecated: --compute-device
     ev.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions 0..1)")
+    from hwaware.cli._scoring import add_scoring_flags
+
+    add_scoring_flags(ev, images_help="score a class-stratified draw of this many images (default: all of the split)",
+                      cache=False)
+    ev.add_argument("--batch-size", dest="score_batch_size", type=bounded(int, 1, 65536), help=argparse.SUPPRESS)
     ev.set_defaults(func=cmd_evaluate)
