@@ -49,7 +49,14 @@ from hwaware.checkpoint import (
     set_rng_states,
     versions,
 )
-from hwaware.data import ResumableSampler, build_dataset, build_run_loader, mix_seed
+from hwaware.data import (
+    ResumableSampler,
+    build_dataset,
+    build_run_loader,
+    dataset_targets,
+    mix_seed,
+    stratified_sample,
+)
 from hwaware.distributed import from_rank0, on_every_rank, setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
@@ -208,7 +215,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The peak lr 1e-3 is DeiT's 5e-4 x 1024 / 512 (linear scaling) for the global batch 1024 (8 GPUs x 128); on
     # fewer GPUs gradient accumulation keeps that global batch, so the lr holds. With another --global-batch,
     # scale --lr by the same factor.
-    # Each epoch validates the 3 tracked subnets on a fixed 10,000-image subset of val (3 x 50,000 otherwise).
+    # Each epoch validates the 3 tracked subnets on a fixed class-stratified 10,000 of val (3 x 50,000 otherwise).
     "imagenet": {
         "epochs": 500, "batch_size": 128, "global_batch": 1024, "lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 5.0,
         "weight_decay": 0.05, "drop_path": 0.1, "clip_grad": 0.0, "smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0,
@@ -589,11 +596,11 @@ def _read_resume_state(path: Path, config: TrainConfig, space: SearchSpace) -> d
 
 
 def validation_subset(dataset, images: int):
-    """The first `images` of a fixed seeded permutation of `dataset` (in index order), or all of it for 0:
-    the same images on every rank, in every epoch and every run, so val curves compare."""
+    """A fixed class-stratified draw of `images` items of `dataset` (the scorer's), or all of it for 0: the same
+    images on every rank, in every epoch and every run, so val curves compare."""
     if not images or images >= len(dataset):
         return dataset
-    chosen = np.sort(np.random.default_rng(VAL_SUBSET_SEED).permutation(len(dataset))[:images])
+    chosen = stratified_sample(dataset_targets(dataset), images, VAL_SUBSET_SEED)
     return torch.utils.data.Subset(dataset, chosen.tolist())
 
 

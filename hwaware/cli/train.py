@@ -99,7 +99,7 @@ def register(sub) -> None:
     train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes per "
                        "process and loader, started once and kept for the whole run")
     train.add_argument("--val-images", dest="val_images", type=bounded(int, 0), help="validate each epoch on this "
-                       "many val images, a fixed seeded subset (imagenet: 10000; 0 = all)")
+                       "many val images, a fixed class-stratified draw (imagenet: 10000; 0 = all)")
     train.add_argument("--compute-device", dest="compute_device", help="torch device: auto (this rank's GPU if any, "
                        "else cpu), cpu, cuda, cuda:N (default auto)")
     train.add_argument("--device", dest="torch_device", help=argparse.SUPPRESS)  # deprecated: --compute-device
