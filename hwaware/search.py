@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write, atomic_write_text
+from hwaware.progress import progress
 from hwaware.space import Arch, SearchSpace, save_arch
 
 __all__ = [
@@ -453,8 +453,8 @@ class EvolutionSearch:
         fitness_calls = 0
         for target in self.targets:
             run = runs.setdefault(target.label, _Run(0, [], random.Random(f"{self.seed}:{target.label}")))
-            bar = tqdm(total=self.generations, initial=run.generation, desc=f"{self.strategy} {target.label}",
-                       unit="gen", file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+            bar = progress(total=self.generations, initial=run.generation, desc=f"{self.strategy} {target.label}",
+                           unit="gen", file=sys.stderr, disable=not self.progress, dynamic_ncols=True, every=1)
             with bar:
                 while run.generation < self.generations:
                     children = self._next_generation(target, run, witnesses[target.label], evaluations)
