@@ -51,54 +51,133 @@ def _split_batches(model, data: str, split: str, batch_size: int) -> list:
     return list(build_loader(data, model.space, split, batch_size))
 
 
-def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
-                      device: str | None = None, table: str | Path | None = None,
-                      tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
-                      precision: str | None = None, progress: bool = True, **search_options: Any):
-    """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...}).
+class ValScorer:
+    """Top-1 of a subnet on the val split (this rank's shard under torchrun, counts all-reduced), its batches
+    materialised once; `fingerprint` names exactly the images scored (their SHA-256), which keys the accuracy
+    cache."""
 
-    Scores are val top-1 (never test); costs are the table's predicted latency plus exact FLOPs
-    and params. Resumes from `out/search_state.json`; writes best_*.yaml, candidates.csv,
-    pareto.csv/png into `out`. Under torchrun each rank scores its shard of val and the counts
-    are all-reduced; only rank 0 writes.
+    def __init__(self, model, data: str, batch_size: int):
+        import hashlib
+
+        self.model, self.data = model, data
+        self.batches = _split_batches(model, data, "val", batch_size)
+        digest = hashlib.sha256()
+        for images, labels in self.batches:
+            digest.update(images.contiguous().numpy().tobytes())
+            digest.update(labels.contiguous().numpy().tobytes())
+        self.images = sum(len(labels) for _, labels in self.batches)
+        self.fingerprint = {"data": data, "split": "val", "images": self.images, "images_sha256": digest.hexdigest()}
+
+    def describe(self) -> str:
+        return f"val: {self.images} images of {self.data}"
+
+    def __call__(self, arch: Arch) -> float:
+        from hwaware.evaluation import evaluate
+
+        return evaluate(self.model, arch, self.batches)["top1"]
+
+
+def standard_costs(space, latency_ms: Mapping[str, Any] | Any = None) -> dict[str, Any]:
+    """The costs every search reports: exact FLOPs (G) and params (M) from `hwaware.costs`, plus latency:
+    one callable (`LatencyTable.predict`) named `latency_ms`, or a mapping of cost name to callable, one per
+    target of a fleet."""
+    import functools
+
+    from hwaware.costs import arch_cost
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def counted(arch: Arch):  # one count serves both FLOPs and params
+        return arch_cost(arch, space)
+
+    costs: dict[str, Any] = {}
+    if callable(latency_ms):
+        costs["latency_ms"] = latency_ms
+    elif latency_ms is not None:
+        costs.update(latency_ms)
+    costs["flops_g"] = lambda arch: counted(arch).flops / 1e9
+    costs["params_m"] = lambda arch: counted(arch).params / 1e6
+    return costs
+
+
+def _target_costs(targets: list) -> dict[str, Any]:
+    """Cost name -> target: `latency_ms` for a search of one target (as before fleets), else one per target."""
+    from hwaware.search import cost_key
+
+    if len(targets) == 1:
+        return {"latency_ms": targets[0]}
+    return {cost_key("latency_ms", t.name): t for t in targets}
+
+
+def _shared_scores(cache, rank: int) -> dict:
+    """Rank 0's reading of the accuracy cache, sent to every rank, so all of them score the same subnets."""
+    import torch.distributed as dist
+
+    known = [cache.load() if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(known, src=0)
+    return known[0]
+
+
+def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
+                      device: str | list[str] | None = None, table: str | Path | list | None = None,
+                      tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
+                      precision: str | None = None, one_for_all: bool = False, accuracy_cache: bool = True,
+                      progress: bool = True, **search_options: Any):
+    """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...})
+    for one target or a fleet of them.
+
+    Targets are latency tables: `device` is one device or several ("cpu,cpu:int8,t4"), each's table
+    found in `tables_root`; `table` one or more table files. Scores are val top-1 (never test), served
+    from and added to the checkpoint's accuracy cache (`hwaware.accuracy_cache`); costs are each
+    target's predicted latency plus exact FLOPs and params. One infeasible budget refuses the whole
+    search before anything is written. Resumes from `out/search_state.json`; writes best_*.yaml,
+    candidates.csv, pareto.csv/png, matrix.csv/md (+ fronts.png and fleet.json for several targets)
+    into `out`. Under torchrun each rank scores its shard of val and the counts are all-reduced;
+    only rank 0 writes.
     """
     import torch.distributed as dist
 
+    from hwaware.accuracy_cache import AccuracyCache, CachedScorer
     from hwaware.checkpoint import check_finite
     from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import dataset_of, evaluate, load_supernet
-    from hwaware.search import (
-        STATE_FILE,
-        EvolutionSearch,
-        file_fingerprint,
-        parse_budgets,
-        standard_costs,
-        write_results,
-    )
+    from hwaware.evaluation import dataset_of, load_supernet
+    from hwaware.search import BUDGET_KINDS, STATE_FILE, EvolutionSearch, file_fingerprint, parse_budgets
+    from hwaware.search_results import write_results
+    from hwaware.targets import resolve_targets
 
-    targets = parse_budgets(budgets)  # bad budgets are refused before anything is loaded
+    tables = [] if table is None else [table] if isinstance(table, (str, Path)) else list(table)
     model, meta = load_supernet(checkpoint)
-    check_finite(model.state_dict(), str(checkpoint))
     space = model.space
-    needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
-    latency = (load_table_for(space, device, table, tables_root, precision) if (needs_latency or device or table)
-               else None)
+    targets = resolve_targets(space, device, tables, tables_root, precision) if (device or tables) else []
+    by_cost = _target_costs(targets)
+    cells = parse_budgets(budgets, [t.name for t in targets] if len(targets) > 1 else (), one_for_all)
+    if not targets and any(BUDGET_KINDS[b.name].per_target for c in cells for b in c.budgets):
+        raise HwawareError("latency budget: no target prices it; name a device (its table is found in the tables "
+                           "folder) or a latency table")
+    check_finite(model.state_dict(), str(checkpoint))
     rank, _, _, owned = setup_distributed("cpu")
     try:
-        val = _split_batches(model, dataset_of(meta, data), "val", batch_size)
+        data = dataset_of(meta, data)
+        scorer = ValScorer(model, data, batch_size)
+        cache = AccuracyCache(checkpoint, scorer.fingerprint, space) if accuracy_cache else None
+        fitness = CachedScorer(scorer, cache, rank == 0, _shared_scores(cache, rank)) if cache else scorer
         search = EvolutionSearch(
-            space, lambda arch: evaluate(model, arch, val)["top1"],
-            standard_costs(space, latency.predict if latency else None), targets,
+            space, fitness, standard_costs(space, {cost: t.table.predict for cost, t in by_cost.items()}), cells,
             progress=progress and rank == 0,
-            fingerprint=file_fingerprint(checkpoint=checkpoint, **({"table": latency.path} if latency else {})),
+            fingerprint=file_fingerprint(checkpoint=checkpoint,
+                                         **{f"table[{t.name}]" if len(targets) > 1 else "table": t.table.path
+                                            for t in targets}),
             **search_options,
         )
         search.check_feasible()  # an infeasible budget is refused before `out` is created
         out = Path(out)
+        described = [{**t.describe(), "cost": cost} for cost, t in by_cost.items()]
         with folder_lock(out, "search") if rank == 0 else contextlib.nullcontext():
             result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
+            result.cached_scores = fitness.hits if cache else 0
             if rank == 0:
-                write_results(result, out)
+                write_results(result, out, described, extra={"checkpoint": str(Path(checkpoint).resolve()),
+                                                             "data": data, "scorer": scorer.describe()})
         return result
     finally:
         if owned and dist.is_initialized():
@@ -290,7 +369,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     """
     from hwaware.export import CARD_FILE, read_card
     from hwaware.latency import LatencyTable, find_table, profile_device
-    from hwaware.search import best_file
+    from hwaware.search_results import best_file
     from hwaware.space import get_space, load_arch
     from hwaware.train import make_config, train_supernet
 
@@ -324,7 +403,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
         search_dir = out / f"search-{budget:g}ms"  # one folder per budget: another --latency-ms is another search
         checkpoint = out / "supernet" / "last.pt"
         result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
-        target = result.targets[0]
+        target = result.cells[0]
         arch = load_arch(search_dir / best_file(target), space)
         done("search")
 
