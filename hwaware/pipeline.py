@@ -150,7 +150,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
     space = model.space
     targets = resolve_targets(space, device, tables, tables_root, precision) if (device or tables) else []
     by_cost = _target_costs(targets)
-    cells = parse_budgets(budgets, [t.name for t in targets] if len(targets) > 1 else (), one_for_all)
+    cells = parse_budgets(budgets, [t.name for t in targets], one_for_all)
     if not targets and any(BUDGET_KINDS[b.name].per_target for c in cells for b in c.budgets):
         raise HwawareError("latency budget: no target prices it; name a device (its table is found in the tables "
                            "folder) or a latency table")
@@ -167,7 +167,7 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
             fingerprint=file_fingerprint(checkpoint=checkpoint,
                                          **{f"table[{t.name}]" if len(targets) > 1 else "table": t.table.path
                                             for t in targets}),
-            **search_options,
+            warm_start=fitness.known if cache else None, **search_options,
         )
         search.check_feasible()  # an infeasible budget is refused before `out` is created
         out = Path(out)
@@ -363,12 +363,14 @@ def _log(message: str) -> None:
 
 def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = None, device: str = "cpu",
                  progress: bool = True, log=_log) -> dict[str, Any]:
-    """Train on digits, profile this CPU, search under a latency budget, export, bench, write report.md.
+    """Train on digits, profile this CPU in fp32 and INT8, search both tables in one search under a latency
+    budget each, export and bench the fp32 pick, write report.md with the deployment matrix.
 
     Every stage finds its output already there and skips, so an interrupted pipeline continues.
     """
     from hwaware.export import CARD_FILE, read_card
-    from hwaware.latency import LatencyTable, find_table, profile_device
+    from hwaware.latency import LatencyTable, find_table, load_device_profile, profile_device
+    from hwaware.precision import get_precision
     from hwaware.search_results import best_file
     from hwaware.space import get_space, load_arch
     from hwaware.train import make_config, train_supernet
@@ -384,6 +386,12 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
     def done(name: str):
         timings[name] = time.perf_counter() - timings[name]
 
+    def profiled(precision: str | None) -> Path:
+        try:
+            return find_table(device, space.name, precision=precision, root=tables)  # finished earlier: reuse it
+        except HwawareError:
+            return profile_device(device, space, precision=precision, out=tables, progress=progress)  # resumes
+
     with folder_lock(out, "pipeline"):  # one pipeline per folder; also checks it is writable
         stage("train")
         train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
@@ -391,20 +399,29 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
 
         stage("profile")
         tables = out / "latency_tables"
-        try:
-            table_path = find_table(device, space.name, root=tables)  # finished earlier: reuse it
-        except HwawareError:
-            table_path = profile_device(device, space, out=tables, progress=progress)  # resumes a partial one
+        profile = load_device_profile(device)
+        table_path = profiled(None)
         table = LatencyTable.load(table_path)
+        # INT8 as a second target where this device's backend runs it: which precision pays is the search's answer
+        int8_runs = (profile.backend, profile.kind) in get_precision("int8").runs_on and profile.precision != "int8"
+        table_paths = [table_path, profiled("int8")] if int8_runs else [table_path]
         done("profile")
 
         stage("search")
-        budget = latency_ms if latency_ms is not None else default_latency_budget(table, space)
+        tables_loaded = [LatencyTable.load(p) for p in table_paths]
+        budgets = [latency_ms if latency_ms is not None else default_latency_budget(t, space) for t in tables_loaded]
+        budget = budgets[0]
         search_dir = out / f"search-{budget:g}ms"  # one folder per budget: another --latency-ms is another search
         checkpoint = out / "supernet" / "last.pt"
-        result = search_checkpoint(checkpoint, search_dir, {"latency_ms": budget}, table=table_path, progress=progress)
-        target = result.cells[0]
-        arch = load_arch(search_dir / best_file(target), space)
+        if len(table_paths) > 1:
+            from hwaware.targets import target_name
+
+            spec = ",".join(f"{target_name(t)}={b}" for t, b in zip(tables_loaded, budgets, strict=True))
+        else:
+            spec = budget
+        result = search_checkpoint(checkpoint, search_dir, {"latency_ms": spec}, table=table_paths,
+                                   progress=progress)
+        arch = load_arch(search_dir / best_file(result.cells[0]), space)  # the first target's: fp32
         done("search")
 
         stage("export")
@@ -418,14 +435,16 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
         done("bench")
 
         card = read_card(export_dir)
-        report = _report(card, bench, table, budget, timings, result, search_dir.relative_to(out) / "pareto.png")
+        report = _report(card, bench, table, budget, timings, result, out, search_dir.relative_to(out))
         atomic_write_text(out / "report.md", report)
         log(f"report: {out / 'report.md'}")
     return {"card": card, "bench": bench, "budget_ms": budget, "seconds": timings}
 
 
-def _report(card, bench, table, budget, timings, result, pareto_png: Path) -> str:
+def _report(card, bench, table, budget, timings, result, out: Path, search_dir: Path) -> str:
     validation = table.validation
+    matrix = (out / search_dir / "matrix.md").read_text()
+    figure = search_dir / ("fronts.png" if (out / search_dir / "fronts.png").is_file() else "pareto.png")
 
     def pct(v):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
@@ -433,11 +452,15 @@ def _report(card, bench, table, budget, timings, result, pareto_png: Path) -> st
         "# hwaware pipeline report",
         "",
         f"Supernet trained on `{card['data']}`; latency table `{Path(table.path).name}`; "
-        f"search under {budget:g} ms ({result.strategy}, {len(result.evaluations)} subnets evaluated on val).",
+        f"one search of {len(result.cells)} targets x budgets ({result.strategy}, {len(result.evaluations)} subnets "
+        "evaluated on val).",
         "",
-        f"![accuracy against latency]({pareto_png.as_posix()})",
+        f"![accuracy against latency]({figure.as_posix()})",
         "",
-        "## Chosen subnet",
+        "## Deployment matrix (best subnet per target and budget; latency predicted on every target)",
+        "",
+        matrix,
+        f"## Chosen subnet (for {Path(table.path).name}, under {budget:g} ms)",
         "",
         f"`{card['arch_short']}`: `{json.dumps(card['arch'])}`",
         "",

@@ -325,7 +325,8 @@ class EvolutionSearch:
     child. `strategy="random"` samples every generation at random: the same number of
     evaluations, the baseline.
 
-    `fingerprint` (JSON-able, e.g. checkpoint and table paths with their sizes and mtimes) is
+    `warm_start` (Arch -> known top-1) puts every known Arch that fits a cell into its generation 0,
+    which then samples at random only what is left of its share. `fingerprint` (JSON-able, e.g. checkpoint and table paths with their sizes and mtimes) is
     stored in the resume checkpoint; a checkpoint with another fingerprint is refused, so cached
     scores of one supernet are never reused for another.
     """
@@ -350,6 +351,7 @@ class EvolutionSearch:
         seed: int = 0,
         progress: bool = True,
         fingerprint: Mapping[str, Any] | None = None,
+        warm_start: Mapping[Arch, float] | None = None,
     ):
         self.space, self.fitness, self.costs = space, fitness, dict(costs)
         self.cells = [b if isinstance(b, Constraints) else Constraints.of(b) for b in budgets]
@@ -389,6 +391,9 @@ class EvolutionSearch:
         self.fingerprint = dict(fingerprint or {})
         self._cost_memo: dict[Arch, dict[str, float]] = {}
         self._witnesses: dict[str, list[Arch]] | None = None
+        # Archs whose score is already known (an accuracy cache): each cell's generation 0 takes all that fit it
+        # (free) before sampling at random, so a search for a new target starts from what earlier ones scored.
+        self.warm_start = sorted(warm_start or {}, key=lambda a: -warm_start[a])
 
     # ---- costs and feasibility ----------------------------------------------------------
     def arch_costs(self, arch: Arch) -> dict[str, float]:
@@ -523,7 +528,7 @@ class EvolutionSearch:
         evaluations: dict[Arch, Evaluation] = {}
         runs: dict[str, _Run] = {}
         if checkpoint is not None and checkpoint.exists():
-            evaluations, runs = self._load_state(checkpoint)
+            evaluations, runs, self.warm_start = self._load_state(checkpoint)
         for cell in self.cells:
             runs.setdefault(cell.label, _Run(0, [], random.Random(f"{self.seed}:{cell.label}")))
         fitness_calls = 0
@@ -609,6 +614,11 @@ class EvolutionSearch:
 
             breed(mutate, round(self.mutation_children * share / self.population))
             breed(cross, round(self.crossover_children * share / self.population))
+        if not run.visited:  # every known Arch that fits joins generation 0: its score costs nothing
+            for arch in self.warm_start:
+                if arch not in taken and cell.fits(self.arch_costs(arch)):
+                    children.append(arch)
+                    taken.add(arch)
         breed(lambda: space.sample(rng), share - len(children))
         # Random sampling rarely hits a tight budget; the probed Archs known to fit top the generation up.
         for arch in witnesses:
@@ -640,6 +650,7 @@ class EvolutionSearch:
                 {"arch": e.arch.to_dict(), "top1": e.top1, "generation": e.generation, "cell": e.cell}
                 for e in evaluations.values()
             ],
+            "warm_start": [arch.to_dict() for arch in self.warm_start],
             "runs": {
                 label: {"generation": run.generation, "visited": [index[a] for a in run.visited],
                         "rng": _rng_to_json(run.rng)}
@@ -648,7 +659,9 @@ class EvolutionSearch:
         }
         atomic_write_text(path, json.dumps(state))
 
-    def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run]]:
+    def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run], list[Arch]]:
+        """Evaluations, each cell's run, and the warm start the search began with (a resumed search keeps it,
+        though the accuracy cache has grown since)."""
         from hwaware.io import loads_strict, read_text_file
 
         try:
@@ -671,6 +684,7 @@ class EvolutionSearch:
                     raise ValueError(f"evaluation for unknown cell {str(item['cell'])[:40]!r}")
                 evaluations[arch] = Evaluation(arch, top1, generation, item["cell"])
             archs = list(evaluations)
+            warm = [self.space.validate(Arch.from_dict(a, source=str(path))) for a in state["warm_start"]]
             runs = {}
             for label, r in state["runs"].items():
                 if label not in labels:
@@ -681,7 +695,7 @@ class EvolutionSearch:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise HwawareError(f"{path}: not a readable search checkpoint ({exc})") from None
-        return evaluations, runs
+        return evaluations, runs, warm
 
 
 def _number(value: Any, low: float, high: float) -> float:

@@ -30,7 +30,7 @@ class Target:
     def describe(self) -> dict[str, Any]:
         """What fleet.json records of this target, so export can build the artifact its table timed."""
         t = self.table
-        return {"name": self.name, "table": str(t.path), "device": t.device, "backend": t.backend,
+        return {"name": self.name, "table": str(Path(t.path).resolve()), "device": t.device, "backend": t.backend,
                 "precision": t.precision, "batch_size": t.batch_size, "quantize_mode": t.quantize_mode}
 
 
