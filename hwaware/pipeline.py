@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -345,6 +346,179 @@ def _check_quantize_mode(card: dict[str, Any], precision: str, table) -> None:
     if shipped and priced and shipped != priced:
         _log(f"hwaware bench: warning: the export is {precision} {shipped}, the table's pieces {precision} {priced}; "
              "the prediction is for another graph")
+
+
+# ---- a fleet -------------------------------------------------------------------------------------
+
+FLEET_EXPORT_FILE = "fleet_export.json"
+_FORMATS_FOR = {"onnxruntime": "timm,onnx,triton", "tensorrt": "timm,onnx,tensorrt,triton", "torch": "timm"}
+
+
+def read_fleet(search_dir: str | Path) -> dict[str, Any]:
+    """A fleet search's fleet.json, checked: its targets, and per cell the best Arch file it names."""
+    from hwaware.io import read_json
+    from hwaware.search_results import FLEET_FILE
+
+    search_dir = Path(search_dir)
+    fleet = read_json(search_dir / FLEET_FILE, f"export: {search_dir} has no {FLEET_FILE}; is it the folder of a "
+                      "search with one or more latency targets?")
+    try:
+        if fleet.get("format") != "hwaware-fleet/1":
+            raise ValueError(f"format {str(fleet.get('format'))[:30]!r}")
+        names = {t["name"] for t in fleet["targets"]}
+        for t in fleet["targets"]:
+            if t["backend"] not in _FORMATS_FOR or not isinstance(t["table"], str):
+                raise ValueError(f"target {str(t['name'])[:30]}")
+        for cell in fleet["cells"]:
+            if not set(cell["targets"]) <= names or not re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", cell["slug"]):
+                raise ValueError(f"cell {str(cell.get('label'))[:60]}")
+            if not (search_dir / cell["best_file"]).is_file() or Path(cell["best_file"]).name != cell["best_file"]:
+                raise ValueError(f"no {str(cell['best_file'])[:60]}")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise HwawareError(f"export: {search_dir / FLEET_FILE} is not a fleet description ({exc})") from None
+    return fleet
+
+
+def _check_fleet_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise HwawareError(f"out: {out} already exists; pass --force to replace it")
+        if not (out / FLEET_EXPORT_FILE).is_file():
+            raise HwawareError(f"out: {out} is not a fleet export (no {FLEET_EXPORT_FILE}); refusing to replace it")
+
+
+def export_fleet(search_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
+                 batch_sizes: str = "1,8,32", force: bool = False, data: str | None = None,
+                 log=None) -> dict[str, Any]:
+    """Export every cell of a fleet search for its target, one folder per cell, plus one Triton repository
+    holding them all; the one-subnet-for-all cell also gets one Triton model with a TensorRT plan per GPU kind
+    present (chosen by compute capability).
+
+    A cell's artifact follows its target's table: a TensorRT engine for a TensorRT table (where TensorRT runs;
+    else the other formats, with the card saying why), the ONNX Runtime INT8 model for `cpu:int8`, timm weights
+    for torch. Everything is staged beside `out` and renamed into place at the end, so a failure leaves no
+    half-written fleet.
+    """
+    import tempfile
+
+    from hwaware.export import onnx_io, parse_batch_sizes, served_onnx, write_triton_per_gpu_model
+    from hwaware.io import as_user_file, dumps_strict
+    from hwaware.precision import EXPORT_PRECISIONS
+    from hwaware.space import load_arch
+
+    log = log or _log
+    search_dir, out = Path(search_dir), Path(out)
+    fleet = read_fleet(search_dir)
+    checkpoint = Path(checkpoint or fleet.get("checkpoint") or "")
+    if not checkpoint.is_file():
+        raise HwawareError(f"export: the fleet's checkpoint {checkpoint} is not there; name it with --checkpoint")
+    _check_fleet_out(out, force)
+    sizes = parse_batch_sizes(batch_sizes)
+    targets = {t["name"]: t for t in fleet["targets"]}
+    for t in targets.values():
+        if not Path(t["table"]).is_file():
+            raise HwawareError(f"export: target {t['name']}'s table {t['table']} is not there")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    as_user_file(staging, directory=True)
+    manifest: dict[str, Any] = {"format": "hwaware-fleet-export/1", "search": str(search_dir.resolve()),
+                                "checkpoint": str(checkpoint.resolve()), "targets": fleet["targets"], "cells": []}
+    try:
+        for cell in fleet["cells"]:
+            own = [targets[n] for n in cell["targets"]]
+            target = own[0] if len(own) == 1 else None  # None: one subnet for all (or no target priced it)
+            arch = load_arch(search_dir / cell["best_file"])
+            folder = staging / cell["slug"]
+            precision = target["precision"] if target and target["precision"] in EXPORT_PRECISIONS else "fp32"
+            formats = _FORMATS_FOR[target["backend"]] if target else "timm,onnx,triton"
+            log(f"hwaware export: {cell['label']} -> {cell['slug']}/ ({formats}, {precision})")
+            result = export_checkpoint(checkpoint, arch, folder, formats=formats, precision=precision,
+                                       batch_sizes=batch_sizes, table=target["table"] if target else None, data=data)
+            entry = {"label": cell["label"], "target": cell["target"], "targets": cell["targets"],
+                     "folder": cell["slug"], "formats": list(result.formats), "precision": precision,
+                     "warnings": list(result.warnings)}
+            if len(own) > 1:
+                plans, skipped = _plans_per_gpu(folder, own, sizes)
+                if plans:
+                    write_triton_per_gpu_model(folder / "triton", f"{folder.name}_per_gpu", plans,
+                                               onnx_io(served_onnx(folder, "fp32")), sizes)
+                entry.update(per_gpu_plans=sorted(plans), per_gpu_skipped=skipped)
+            manifest["cells"].append(entry)
+        repository = staging / "triton"
+        for entry in manifest["cells"]:
+            for model in sorted((staging / entry["folder"] / "triton").glob("*/")):
+                shutil.copytree(model, repository / model.name)
+        manifest["triton"] = sorted(p.name for p in repository.iterdir()) if repository.is_dir() else []
+        (staging / FLEET_EXPORT_FILE).write_text(dumps_strict(manifest, indent=1) + "\n")
+        _check_fleet_out(out, force)
+        retired = None
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, retired)
+        os.replace(staging, out)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _plans_per_gpu(folder: Path, targets: list[dict], batch_sizes: tuple[int, ...]) -> tuple[dict, list[str]]:
+    """A TensorRT plan of the one-for-all subnet for every TensorRT target whose GPU is here (a plan runs only on
+    the GPU kind it was built on); the others are listed, to be built on their own nodes."""
+    from hwaware.export import ONNX_FILE
+    from hwaware.latency import load_device_profile
+    from hwaware.latency.devices import find_present
+    from hwaware.precision import get_precision
+    from hwaware.tensorrt_build import build_engine, tensorrt_unavailable_reason
+
+    plans, skipped = {}, []
+    for target in (t for t in targets if t["backend"] == "tensorrt"):
+        reason = tensorrt_unavailable_reason()
+        if get_precision(target["precision"]).quantized:
+            reason = f"{target['precision']} plans are built from its quantized ONNX; export that target alone"
+        if reason is None:
+            try:
+                present = find_present(load_device_profile(target["device"]))
+            except HwawareError as exc:
+                reason = str(exc)
+        if reason is not None:
+            skipped.append(f"{target['name']}: {reason}")
+            continue
+        capability = ".".join(map(str, present.capability))
+        plan = folder / f"model.sm{capability.replace('.', '')}.plan"
+        build_engine(folder / ONNX_FILE, plan, target["precision"], batch_sizes, folder / "timing.cache")
+        plans[capability] = plan
+    return plans, skipped
+
+
+def bench_fleet(export_dir: str | Path, record: bool = True) -> dict[str, Any]:
+    """Bench every cell of a fleet export on its target where that device is here; the rest are skipped, each
+    with why. A one-for-all cell is benched on each present target whose precision its fp32 model serves."""
+    from hwaware.io import read_json
+    from hwaware.latency import load_device_profile
+    from hwaware.latency.devices import find_present
+
+    export_dir = Path(export_dir)
+    manifest = read_json(export_dir / FLEET_EXPORT_FILE, f"bench: {export_dir} is not a fleet export")
+    targets = {t["name"]: t for t in manifest["targets"]}
+    ran, skipped = [], []
+    for cell in manifest["cells"]:
+        for name in cell["targets"]:
+            target = targets[name]
+            where = f"{cell['folder']} on {name}"
+            if len(cell["targets"]) > 1 and target["precision"] != cell["precision"]:
+                skipped.append((where, f"the one-for-all export serves {cell['precision']}, not {target['precision']}"))
+                continue
+            try:
+                find_present(load_device_profile(target["device"]))
+            except HwawareError as exc:
+                skipped.append((where, str(exc).split(";")[0]))
+                continue
+            result = bench_export(export_dir / cell["folder"], target["device"], table=target["table"],
+                                  precision=target["precision"], record=record)
+            ran.append({"cell": cell["label"], "folder": cell["folder"], "target": name, **result})
+    return {"ran": ran, "skipped": skipped}
 
 
 # ---- the main job -----------------------------------------------------------------------------------

@@ -245,3 +245,108 @@ def test_targets_come_from_measured_tables_and_bad_ones_are_refused(tmp_path):
         resolve_targets(ANIMALS, "cpu,t4", tables_root=tables)
     with pytest.raises(HwawareError, match="measured for space 'digits', not 'animals'"):
         resolve_targets(ANIMALS, "cpu", [tables / "cpu-onnxruntime-fp32-digits-b1.csv"], tables)
+
+
+# ---- through the CLI, on a briefly trained digits supernet and this CPU's fp32 and INT8 tables ----------
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from hwaware.train import train_supernet
+
+    root = tmp_path_factory.mktemp("fleet")
+    train_supernet(space="digits", data="digits", out=str(root / "digits"), epochs=1, threads=1, progress=False)
+    tables = root / "tables"
+    tables.mkdir()
+    # the committed fp32 table, and an INT8 one measured on this 2-core CPU while others shared it (a fixture)
+    for source in (ROOT / "latency_tables", ROOT / "tests" / "fixtures" / "tables"):
+        for path in source.glob("cpu-onnxruntime-*-digits-b1.*"):
+            shutil.copy(path, tables / path.name)
+    return root / "digits" / "last.pt", tables
+
+
+TINY = ["--population", "8", "--generations", "2", "--parents", "3", "--mutation-children", "3",
+        "--crossover-children", "3", "--quiet"]
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hwaware.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cpu,cpu:int9", "--latency-ms", "1"], "'int9' is neither a precision"),
+    (["--device", "cpu,gpu9", "--latency-ms", "1"], "unknown device 'gpu9'"),
+    (["--device", "cpu,cpu:b8", "--latency-ms", "1"], "create it with: hwaware profile --device cpu --space digits"),
+    (["--device", "cpu,cpu:int8", "--latency-ms", "t4=1"], "names target 't4', which is not in this search"),
+    (["--device", "cpu,cpu:int8", "--latency-ms", "cpu=1,cpu:int8=0.001"],
+     "budget latency_ms[cpu:int8]<=0.001: no subnet of space digits fits; the cheapest reaches"),
+    (["--device", "cpu", "--table", ROOT / "latency_tables" / "cpu-onnxruntime-fp32-digits-b1.csv",
+      "--latency-ms", "1"], "target cpu: priced by two tables"),
+    (["--device", "cpu", "--table", ROOT / "latency_tables" / "cpu-onnxruntime-fp32-animals-b1.csv",
+      "--latency-ms", "1"], "measured for space 'animals', not 'digits'"),
+])
+def test_bad_fleet_input_is_one_line_and_writes_nothing(digits_run, tmp_path, extra, message):
+    checkpoint, tables = digits_run
+    out = tmp_path / "search"
+    result = _cli("search", "--checkpoint", checkpoint, "--tables", tables, *extra, "--out", out, *TINY)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_fleet_search_export_and_bench(digits_run, tmp_path):
+    checkpoint, tables = digits_run
+    out = tmp_path / "fleet"
+    result = _cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu,cpu:int8",
+                  "--latency-ms", "0.2", "--one-for-all", "--out", out, *TINY)
+    assert result.returncode == 0, result.stderr
+    matrix = pd.read_csv(out / "matrix.csv")
+    assert list(matrix["target"]) == ["cpu", "cpu:int8", "all targets"]
+    assert (matrix[["latency_ms[cpu]", "latency_ms[cpu:int8]"]] > 0).all().all()
+    assert list(cache_folder(checkpoint).glob("*.jsonl"))
+
+    again = _cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu:int8",
+                 "--latency-ms", "0.2", "--out", tmp_path / "int8", *TINY)
+    assert again.returncode == 0, again.stderr
+    assert "served by the accuracy cache" in again.stdout
+
+    export = tmp_path / "export"
+    result = _cli("export", "--from-search", out, "--out", export, "--batch-sizes", "1,4")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((export / "fleet_export.json").read_text())
+    folders = {c["target"]: export / c["folder"] for c in manifest["cells"]}
+    assert (folders["cpu:int8"] / "model.int8.onnx").is_file() and not (folders["cpu"] / "model.int8.onnx").exists()
+    assert json.loads((folders["cpu:int8"] / "card.json").read_text())["quantized"]["mode"] == "dynamic"
+    models = sorted(p.name for p in (export / "triton").iterdir())
+    assert len(models) == 3 and all((export / "triton" / m / "config.pbtxt").is_file() for m in models)
+
+    bench = _cli("bench", export, "--json")
+    assert bench.returncode == 0, bench.stderr
+    ran = json.loads(bench.stdout)["ran"]
+    assert {(r["target"], r["precision"]) for r in ran} == {("cpu", "fp32"), ("cpu:int8", "int8")}
+    assert all(r["measured_ms"] > 0 and "predicted_ms" in r for r in ran)
+    assert json.loads(bench.stdout)["skipped"] == [[f"{folders['all targets'].name} on cpu:int8",
+                                                    "the one-for-all export serves fp32, not int8"]]
+
+
+def test_a_per_gpu_triton_model_picks_its_plan_by_compute_capability(tmp_path):
+    from hwaware.export import write_triton_per_gpu_model
+
+    plans = {}
+    for capability in ("7.5", "8.0"):
+        plans[capability] = tmp_path / f"{capability}.plan"
+        plans[capability].write_bytes(capability.encode())
+    io = {"input": {"name": "input", "elem_type": "FLOAT", "shape": [None, 1, 8, 8]},
+          "output": {"name": "logits", "elem_type": "FLOAT", "shape": [None, 10]}}
+    folder = write_triton_per_gpu_model(tmp_path / "triton", "vit_all", plans, io, (1, 8))
+    config = (folder / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and "default_model_filename" not in config
+    assert 'key: "7.5"\n    value: "model.sm75.plan"' in config and 'key: "8.0"\n    value: "model.sm80.plan"' in config
+    assert (folder / "1" / "model.sm80.plan").read_bytes() == b"8.0"
+    with pytest.raises(HwawareError, match="not a compute capability"):
+        write_triton_per_gpu_model(tmp_path / "t2", "x", {"sm75": plans["7.5"]}, io, (1,))
