@@ -27,8 +27,7 @@ import tempfile
 import time
 
 from hwaware.accuracy_cache import AccuracyCache, CachedScorer
-from hwaware.evaluation import dataset_of, load_supernet
-from hwaware.pipeline import ValScorer
+from hwaware.evaluation import build_scorer, dataset_of, load_supernet
 from hwaware.search import EvolutionSearch, cost_key, parse_budgets
 from hwaware.targets import resolve_targets
 
@@ -64,13 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--generations", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring (default 1)")
     args = parser.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-
     model, meta = load_supernet(args.checkpoint)
     space = model.space
-    scorer = ValScorer(model, dataset_of(meta, None), 512)
+    scorer = build_scorer(model, dataset_of(meta, None), split="val", device="cpu", threads=args.threads)
     memo: dict = {}
 
     def fitness(arch):

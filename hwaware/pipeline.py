@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, folder_lock
+from hwaware.io import atomic_write_text, dumps_strict, folder_lock
 from hwaware.space import Arch, resolve_arch
 
 
@@ -43,39 +43,6 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
         raise HwawareError(f"latency table: {path} prices {loaded.precision}, not {precision}")
     warn_if_other_host(loaded)
     return loaded
-
-
-def _split_batches(model, data: str, split: str, batch_size: int) -> list:
-    """A split's batches, materialised once: a search scores hundreds of Archs on the same images."""
-    from hwaware.data import build_loader
-
-    return list(build_loader(data, model.space, split, batch_size))
-
-
-class ValScorer:
-    """Top-1 of a subnet on the val split (this rank's shard under torchrun, counts all-reduced), its batches
-    materialised once; `fingerprint` names exactly the images scored (their SHA-256), which keys the accuracy
-    cache."""
-
-    def __init__(self, model, data: str, batch_size: int):
-        import hashlib
-
-        self.model, self.data = model, data
-        self.batches = _split_batches(model, data, "val", batch_size)
-        digest = hashlib.sha256()
-        for images, labels in self.batches:
-            digest.update(images.contiguous().numpy().tobytes())
-            digest.update(labels.contiguous().numpy().tobytes())
-        self.images = sum(len(labels) for _, labels in self.batches)
-        self.fingerprint = {"data": data, "split": "val", "images": self.images, "images_sha256": digest.hexdigest()}
-
-    def describe(self) -> str:
-        return f"val: {self.images} images of {self.data}"
-
-    def __call__(self, arch: Arch) -> float:
-        from hwaware.evaluation import evaluate
-
-        return evaluate(self.model, arch, self.batches)["top1"]
 
 
 def standard_costs(space, latency_ms: Mapping[str, Any] | Any = None) -> dict[str, Any]:
@@ -121,53 +88,57 @@ def _shared_scores(cache, rank: int) -> dict:
 
 def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
                       device: str | list[str] | None = None, table: str | Path | list | None = None,
-                      tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
+                      tables_root: str | Path = "latency_tables", data: str | None = None,
                       precision: str | None = None, one_for_all: bool = False, accuracy_cache: bool = True,
-                      progress: bool = True, **search_options: Any):
+                      progress: bool = True, scoring: Mapping[str, Any] | None = None, **search_options: Any):
     """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...})
     for one target or a fleet of them.
 
     Targets are latency tables: `device` is one device or several ("cpu,cpu:int8,t4"), each's table
-    found in `tables_root`; `table` one or more table files. Scores are val top-1 (never test), served
-    from and added to the checkpoint's accuracy cache (`hwaware.accuracy_cache`); costs are each
-    target's predicted latency plus exact FLOPs and params. One infeasible budget refuses the whole
-    search before anything is written. Resumes from `out/search_state.json`; writes best_*.yaml,
-    candidates.csv, pareto.csv/png, matrix.csv/md (+ fronts.png and fleet.json for several targets)
-    into `out`. Under torchrun each rank scores its shard of val and the counts are all-reduced;
-    only rank 0 writes.
+    found in `tables_root`; `table` one or more table files. Scores are top-1 on a fixed, seeded,
+    class-stratified set of val images (`scoring`: `build_scorer`'s images, seed, compute device,
+    precision, batch size, workers, threads, cache), never test, served from and added to the
+    checkpoint's accuracy cache (`hwaware.accuracy_cache`, keyed by the scorer's fingerprint); costs
+    are each target's predicted latency plus exact FLOPs and params. One infeasible budget refuses
+    the whole search before anything is written. Each best subnet is then scored once on images the
+    search never selected on (`held_out_scorer`) and `scoring.json` names both sets. Resumes from
+    `out/search_state.json`; writes best_*.yaml, candidates.csv, pareto.csv/png, matrix.csv/md (+
+    fronts.png for several targets, fleet.json with targets) and scoring.json into `out`. Under
+    torchrun each rank scores its shard on its own device and the counts are all-reduced; only rank
+    0 writes.
     """
     import torch.distributed as dist
 
     from hwaware.accuracy_cache import AccuracyCache, CachedScorer
     from hwaware.checkpoint import check_finite
     from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import dataset_of, load_supernet
+    from hwaware.evaluation import build_scorer, dataset_of, load_supernet
     from hwaware.search import BUDGET_KINDS, STATE_FILE, EvolutionSearch, file_fingerprint, parse_budgets
     from hwaware.search_results import write_results
     from hwaware.targets import resolve_targets
 
+    scoring = dict(scoring or {})
     tables = [] if table is None else [table] if isinstance(table, (str, Path)) else list(table)
-    model, meta = load_supernet(checkpoint)
-    space = model.space
-    targets = resolve_targets(space, device, tables, tables_root, precision) if (device or tables) else []
-    by_cost = _target_costs(targets)
-    cells = parse_budgets(budgets, [t.name for t in targets], one_for_all)
-    if not targets and any(BUDGET_KINDS[b.name].per_target for c in cells for b in c.budgets):
-        raise HwawareError("latency budget: no target prices it; name a device (its table is found in the tables "
-                           "folder) or a latency table")
-    check_finite(model.state_dict(), str(checkpoint))
-    rank, _, _, owned = setup_distributed("cpu")
+    rank, _, _, owned = setup_distributed(str(scoring.get("device", "auto")))  # so is a missing GPU
     try:
+        model, meta = load_supernet(checkpoint)
+        space = model.space
+        targets = resolve_targets(space, device, tables, tables_root, precision) if (device or tables) else []
+        by_cost = _target_costs(targets)
+        cells = parse_budgets(budgets, [t.name for t in targets], one_for_all)
+        if not targets and any(BUDGET_KINDS[b.name].per_target for c in cells for b in c.budgets):
+            raise HwawareError("latency budget: no target prices it; name a device (its table is found in the "
+                               "tables folder) or a latency table")
+        check_finite(model.state_dict(), str(checkpoint))
         data = dataset_of(meta, data)
-        scorer = ValScorer(model, data, batch_size)
+        scorer = build_scorer(model, data, split="val", **scoring)
         cache = AccuracyCache(checkpoint, scorer.fingerprint, space) if accuracy_cache else None
         fitness = CachedScorer(scorer, cache, rank == 0, _shared_scores(cache, rank)) if cache else scorer
+        tables_used = {f"table[{t.name}]" if len(targets) > 1 else "table": t.table.path for t in targets}
         search = EvolutionSearch(
             space, fitness, standard_costs(space, {cost: t.table.predict for cost, t in by_cost.items()}), cells,
             progress=progress and rank == 0,
-            fingerprint=file_fingerprint(checkpoint=checkpoint,
-                                         **{f"table[{t.name}]" if len(targets) > 1 else "table": t.table.path
-                                            for t in targets}),
+            fingerprint={**file_fingerprint(checkpoint=checkpoint, **tables_used), "scoring": scorer.fingerprint},
             warm_start=fitness.known if cache else None, **search_options,
         )
         search.check_feasible()  # an infeasible budget is refused before `out` is created
@@ -176,13 +147,32 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
         with folder_lock(out, "search") if rank == 0 else contextlib.nullcontext():
             result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
             result.cached_scores = fitness.hits if cache else 0
+            report = _held_out_report(model, scorer, result, scoring)  # every rank: the counts are reduced
             if rank == 0:
                 write_results(result, out, described, extra={"checkpoint": str(Path(checkpoint).resolve()),
                                                              "data": data, "scorer": scorer.describe()})
+                atomic_write_text(out / SCORING_FILE, dumps_strict(report) + "\n")
         return result
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+SCORING_FILE = "scoring.json"
+
+
+def _held_out_report(model, scorer, result, scoring: Mapping[str, Any]) -> dict[str, Any]:
+    """What the search scored on, and each best subnet's top-1 on images it did not select on."""
+    from hwaware.evaluation import held_out_scorer
+
+    report: dict[str, Any] = {"selection": {**scorer.fingerprint, "describe": scorer.describe()}, "held_out": None}
+    options = {k: v for k, v in scoring.items() if k not in ("images", "seed")}
+    held_out = held_out_scorer(model, scorer, **{**options, "cache_mib": 0})  # one pass per target: no cache
+    if held_out is not None:
+        report["held_out"] = {**held_out.fingerprint, "describe": held_out.describe(),
+                              "top1": {label: held_out(e.arch) for label, e in result.best.items()},
+                              "selection_top1": {label: e.top1 for label, e in result.best.items()}}
+    return report
 
 
 def _export_arch(arch: str | Arch | None, meta: Mapping[str, Any], space, checkpoint) -> Arch:
@@ -205,31 +195,52 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables", data: str | None = None,
                       table_optional: bool = False, quantize_mode: str | None = None,
-                      max_accuracy_drop: float | None = None, calibration_images: int = 256):
-    """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency.
+                      max_accuracy_drop: float | None = None, calibration_images: int = 256,
+                      scoring: Mapping[str, Any] | None = None):
+    """Export one subnet of a trained supernet with its card: top-1, params, FLOPs, predicted latency.
 
-    With `table_optional` (the device came from the project file, not the user) a missing table
-    means no predicted latency on the card rather than an error. A quantized `precision` (int8, fp8)
-    is quantized in the mode its latency table's pieces were (else `hwaware.precision.default_mode`),
-    calibrated on `calibration_images` training images (static mode); its float and quantized top-1
-    go on the card, and it is refused past `max_accuracy_drop` points.
+    Export needs no data: with `data` (or a dataset the checkpoint records) the card holds top-1 on
+    the scoring set of val a search selects on (`scoring`: `build_scorer`'s options, default 10,000
+    images at most), on held-out images (val's remainder, else test) and on test where there is one,
+    each named; without, it says there is none. With `table_optional` (the device came from the
+    project file, not the user) a missing table means no predicted latency on the card rather than
+    an error. A quantized `precision` (int8, fp8) is quantized in the mode its latency table's pieces
+    were (else `hwaware.precision.default_mode`), calibrated on `calibration_images` class-stratified
+    training images (static mode); its float and quantized top-1 on the same image sets go on the
+    card, and it is refused past `max_accuracy_drop` points.
     """
     from hwaware.checkpoint import check_finite
-    from hwaware.evaluation import dataset_of, evaluate, load_supernet
+    from hwaware.distributed import setup_distributed
+    from hwaware.evaluation import load_supernet
     from hwaware.export import export_model, preflight
     from hwaware.precision import check_mode, get_precision
 
     wanted, _ = preflight(out, formats, force, precision)  # bad formats, a taken folder: refused before loading
+    scoring = dict(scoring or {})
+    setup_distributed(str(scoring.get("device", "auto")))  # a missing GPU too
     quantized = get_precision(precision).quantized
+    if not quantized:  # each set is scored once: nothing to keep decoded
+        scoring["cache_mib"] = 0
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     arch = _export_arch(arch, meta, space, checkpoint)
-    data = dataset_of(meta, data)
+    data = data or meta.get("data")
+    if quantized and data is None and (max_accuracy_drop is not None or quantize_mode == "static"):
+        raise HwawareError("data: the checkpoint records no dataset (an imported supernet?), and a quantized "
+                           "export's calibration or accuracy limit needs images; pass --data")
     card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
-    splits = {split: _split_batches(model, data, split, 512) for split in ("val", "test")}
-    for split, batches in splits.items():
-        card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
+    scorers = _card_scorers(model, data, scoring) if data is not None else {}
+    accuracy = {}
+    for name, scorer in scorers.items():
+        accuracy[name] = {"top1": scorer(arch), "images": scorer.describe(), "n": len(scorer.indices)}
+    card["accuracy"] = accuracy or None
+    if not accuracy:
+        card["accuracy_note"] = "no data given and none recorded by the checkpoint: no accuracy on this card"
+    for name, scorer in scorers.items():
+        card[f"{name}_top1"] = accuracy[name]["top1"]
+        if name == "held_out" and scorer.image_set.split == "test":
+            card["test_top1"] = accuracy[name]["top1"]
     latency = None
     if device is not None or table is not None:
         try:
@@ -249,14 +260,44 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
             _log(f"hwaware export: warning: {latency.path} priced {precision} {_table_mode(latency, False)} pieces; "
                  f"this export is {precision} {quantize_mode}, so its predicted latency is for another graph")
         if quantize_mode == "static":
+            if data is None:
+                raise HwawareError("data: static quantization calibrates on training images, and the checkpoint "
+                                   "records no dataset; pass --data")
             from hwaware.quantize import calibration_images as training_images
 
             calibration = training_images(data, space, calibration_images)
+    sample = next(iter(next(iter(scorers.values())).batches()))[0][:32] if scorers else None
+    accuracy_batches = {name: _Rescored(scorer) for name, scorer in scorers.items()} if quantized else None
     with export_lock(out):
         return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
-                            card_extra=card, sample_inputs=splits["test"][0][0][:32], quantize_mode=quantize_mode,
-                            calibration_inputs=calibration, accuracy_batches=splits if quantized else None,
+                            card_extra=card, sample_inputs=sample, quantize_mode=quantize_mode,
+                            calibration_inputs=calibration, accuracy_batches=accuracy_batches or None,
                             max_accuracy_drop=max_accuracy_drop)
+
+
+def _card_scorers(model, data: str, scoring: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's image sets: val's scoring set, held-out images, and test where it exists and is not the held-out."""
+    from hwaware.data import has_split
+    from hwaware.evaluation import build_scorer, held_out_scorer
+
+    scorers = {"val": build_scorer(model, data, split="val", **scoring)}
+    held_out = held_out_scorer(model, scorers["val"], **{k: v for k, v in scoring.items() if k not in ("images", "seed")})
+    if held_out is not None:
+        scorers["held_out"] = held_out
+    if has_split(data, "test") and (held_out is None or held_out.image_set.split != "test"):
+        scorers["test"] = build_scorer(model, data, split="test", **scoring)
+    return scorers
+
+
+class _Rescored:
+    """A scorer's images as (images, labels) batches, streamed afresh on every pass (the ONNX accuracy check
+    runs the float and the quantized model over them)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __iter__(self):
+        return self.scorer.batches()
 
 
 def _table_mode(table, for_tensorrt: bool) -> str | None:
@@ -389,7 +430,7 @@ def _check_fleet_out(out: Path, force: bool) -> None:
 
 def export_fleet(search_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
                  batch_sizes: str = "1,8,32", force: bool = False, data: str | None = None,
-                 log=None) -> dict[str, Any]:
+                 scoring: Mapping[str, Any] | None = None, log=None) -> dict[str, Any]:
     """Export every cell of a fleet search for its target, one folder per cell, plus one Triton repository
     holding them all; the one-subnet-for-all cell also gets one Triton model with a TensorRT plan per GPU kind
     present (chosen by compute capability).
@@ -433,7 +474,8 @@ def export_fleet(search_dir: str | Path, out: str | Path, *, checkpoint: str | P
             formats = _FORMATS_FOR[target["backend"]] if target else "timm,onnx,triton"
             log(f"hwaware export: {cell['label']} -> {cell['slug']}/ ({formats}, {precision})")
             result = export_checkpoint(checkpoint, arch, folder, formats=formats, precision=precision,
-                                       batch_sizes=batch_sizes, table=target["table"] if target else None, data=data)
+                                       batch_sizes=batch_sizes, table=target["table"] if target else None, data=data,
+                                       scoring=scoring)
             entry = {"label": cell["label"], "target": cell["target"], "targets": cell["targets"],
                      "folder": cell["slug"], "formats": list(result.formats), "precision": precision,
                      "warnings": list(result.warnings)}

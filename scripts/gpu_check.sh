@@ -7,7 +7,9 @@
 #   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t,
 #   6. quantized TensorRT: the gpu-marked quantize tests (int8 and, on compute capability 8.9+, fp8 engines
 #      from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t (relative position encoding) with TensorRT,
-#      and an int8 TensorRT latency table.
+#      and an int8 TensorRT latency table,
+#   7. GPU scoring: evaluate and a 100-subnet search of autoformer-t on a 224 px ImageFolder, scored on the GPU
+#      with autocast, and benchmarks/scoring_throughput.py.
 # Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
 # after a timeout continues where it stopped. Settings are shortened for the time box and
 # recorded in each sidecar.
@@ -108,6 +110,30 @@ if "$PY" -c "import tensorrt" 2>/dev/null; then
 else
   echo "SKIP quantized tensorrt: not installed (pip install tensorrt)"
 fi
+# 7. Scoring on the GPU (issue 16): a 224 px ImageFolder of 1000 classes x 3 JPEGs (ImageNet-shaped), the
+#    autoformer-t checkpoint above evaluated and searched (100 subnets on 2,000 images, bf16/fp16 autocast) on
+#    the GPU, and the scoring benchmark (fp32 / fp16 / bf16 img/s of the cached-scoring step).
+FOLDER=$RUNS/imagenet-shaped
+run "write a 224 px folder" "$PY" - "$FOLDER" <<'PYEOF'
+import sys, pathlib, numpy as np
+from PIL import Image
+root, rng = pathlib.Path(sys.argv[1]), np.random.default_rng(0)
+for split, per_class in (("train", 1), ("val", 3)):
+    for c in range(1000):
+        folder = root / split / f"n{c:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            if not (folder / f"{i}.jpg").exists():
+                Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+PYEOF
+run "evaluate t on the gpu" "$PY" -m hwaware.cli evaluate --checkpoint "$RUNS/t/last.pt" --arch middle \
+  --data "imagefolder:$FOLDER" --compute-device cuda
+START=$(date +%s)
+run "search t scored on the gpu" "$PY" -m hwaware.cli search --checkpoint "$RUNS/t/last.pt" --data "imagefolder:$FOLDER" \
+  --flops-g 2 --population 20 --generations 4 --parents 5 --mutation-children 8 --crossover-children 7 \
+  --score-images 2000 --compute-device cuda --out "$RUNS/search-t-gpu" --quiet
+echo "search: $(( $(date +%s) - START )) s for 100 subnets x 2000 images (incl. start-up, decoding, held-out)"
+run "scoring throughput" "$PY" benchmarks/scoring_throughput.py --cuda-only --batch 256 --batches 4 --rounds 4
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib
 for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):

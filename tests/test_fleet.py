@@ -269,12 +269,20 @@ TINY = ["--population", "8", "--generations", "2", "--parents", "3", "--mutation
         "--crossover-children", "3", "--quiet"]
 
 
-def _cli(*args):
-    import subprocess
-    import sys
+@pytest.fixture
+def cli(capsys):
+    """The CLI in this process (torch is imported once for the module, not once per command)."""
+    from types import SimpleNamespace
 
-    return subprocess.run([sys.executable, "-m", "hwaware.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    from hwaware.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return run
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -289,20 +297,20 @@ def _cli(*args):
     (["--device", "cpu", "--table", ROOT / "latency_tables" / "cpu-onnxruntime-fp32-animals-b1.csv",
       "--latency-ms", "1"], "measured for space 'animals', not 'digits'"),
 ])
-def test_bad_fleet_input_is_one_line_and_writes_nothing(digits_run, tmp_path, extra, message):
+def test_bad_fleet_input_is_one_line_and_writes_nothing(cli, digits_run, tmp_path, extra, message):
     checkpoint, tables = digits_run
     out = tmp_path / "search"
-    result = _cli("search", "--checkpoint", checkpoint, "--tables", tables, *extra, "--out", out, *TINY)
+    result = cli("search", "--checkpoint", checkpoint, "--tables", tables, *extra, "--out", out, *TINY)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_fleet_search_export_and_bench(digits_run, tmp_path):
+def test_fleet_search_export_and_bench(cli, digits_run, tmp_path):
     checkpoint, tables = digits_run
     out = tmp_path / "fleet"
-    result = _cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu,cpu:int8",
+    result = cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu,cpu:int8",
                   "--latency-ms", "0.2", "--one-for-all", "--out", out, *TINY)
     assert result.returncode == 0, result.stderr
     matrix = pd.read_csv(out / "matrix.csv")
@@ -310,13 +318,13 @@ def test_fleet_search_export_and_bench(digits_run, tmp_path):
     assert (matrix[["latency_ms[cpu]", "latency_ms[cpu:int8]"]] > 0).all().all()
     assert list(cache_folder(checkpoint).glob("*.jsonl"))
 
-    again = _cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu:int8",
+    again = cli("search", "--checkpoint", checkpoint, "--tables", tables, "--device", "cpu:int8",
                  "--latency-ms", "0.2", "--out", tmp_path / "int8", *TINY)
     assert again.returncode == 0, again.stderr
     assert "served by the accuracy cache" in again.stdout
 
     export = tmp_path / "export"
-    result = _cli("export", "--from-search", out, "--out", export, "--batch-sizes", "1,4")
+    result = cli("export", "--from-search", out, "--out", export, "--batch-sizes", "1,4")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((export / "fleet_export.json").read_text())
     folders = {c["target"]: export / c["folder"] for c in manifest["cells"]}
@@ -325,7 +333,7 @@ def test_fleet_search_export_and_bench(digits_run, tmp_path):
     models = sorted(p.name for p in (export / "triton").iterdir())
     assert len(models) == 3 and all((export / "triton" / m / "config.pbtxt").is_file() for m in models)
 
-    bench = _cli("bench", export, "--json")
+    bench = cli("bench", export, "--json")
     assert bench.returncode == 0, bench.stderr
     ran = json.loads(bench.stdout)["ran"]
     assert {(r["target"], r["precision"]) for r in ran} == {("cpu", "fp32"), ("cpu:int8", "int8")}
