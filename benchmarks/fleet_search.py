@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--population", type=int, default=50)
     parser.add_argument("--generations", type=int, default=20)
+    parser.add_argument("--fleet-population", dest="fleet_population", type=int,
+                        help="the fleet search's population (default --population: equal evaluations; the aim "
+                             "allows up to 1.5x)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for scoring (default 1)")
     args = parser.parse_args(argv)
     model, meta = load_supernet(args.checkpoint)
@@ -75,14 +78,19 @@ def main(argv=None) -> int:
 
     targets = resolve_targets(space, args.targets, tables_root=args.tables)
     limits = budgets_for(targets, space, [float(f) for f in args.fractions.split(",")])
-    settings = dict(population=args.population, generations=args.generations, parents=max(2, args.population // 5),
-                    mutation_children=args.population // 2, crossover_children=args.population // 2)
+    def settings_for(population: int) -> dict:
+        return dict(population=population, generations=args.generations, parents=max(2, args.population // 5),
+                    mutation_children=population // 2, crossover_children=population // 2)
+
+    settings = settings_for(args.population)
+    fleet_settings = settings_for(args.fleet_population or args.population)
     print(f"space {space.name}, {scorer.describe()}; targets {', '.join(t.name for t in targets)}; "
-          f"budgets (ms) {limits}; population {args.population} x {args.generations} generations", flush=True)
+          f"budgets (ms) {limits}; population {args.population} (fleet {fleet_settings['population']}) x "
+          f"{args.generations} generations", flush=True)
     ratios, gaps = [], {}
     started = time.perf_counter()
     for seed in (int(s) for s in args.seeds.split(",")):
-        fleet = search(space, fitness, targets, limits, settings, seed)
+        fleet = search(space, fitness, targets, limits, fleet_settings, seed)
         singles = {t.name: search(space, fitness, [t], limits, settings, seed) for t in targets}
         single_evals = statistics.mean(len(r.evaluations) for r in singles.values())
         ratios.append(len(fleet.evaluations) / single_evals)

@@ -212,7 +212,8 @@ def write_results(result: SearchResult, out_dir: str | Path, targets: Sequence[M
         rendered["fronts.png"] = fronts_figure_png(result, candidates, targets)
     if targets:
         fleet = {"format": "hwaware-fleet/1", **(extra or {}), "space": result.space.name, "targets": list(targets),
-                 "cells": [{"label": c.label, "target": cell_target(c, targets), "targets": list(c.targets),
+                 "cells": [{"label": c.label, "target": cell_target(c, targets),
+                            "targets": list(c.targets) or [t["name"] for t in targets[:1] if len(targets) == 1],
                             "best_file": best_file(c), "slug": c.slug} for c in result.cells]}
         rendered[FLEET_FILE] = (dumps_strict(fleet, indent=1) + "\n").encode()
     written = []

@@ -358,3 +358,14 @@ def test_a_per_gpu_triton_model_picks_its_plan_by_compute_capability(tmp_path):
     assert (folder / "1" / "model.sm80.plan").read_bytes() == b"8.0"
     with pytest.raises(HwawareError, match="not a compute capability"):
         write_triton_per_gpu_model(tmp_path / "t2", "x", {"sm75": plans["7.5"]}, io, (1,))
+
+
+def test_a_single_target_search_names_its_target_for_export(tmp_path):
+    costs = standard_costs(SPACE, synthetic_latency)
+    result = EvolutionSearch(SPACE, synthetic_top1, costs, parse_budgets({"latency_ms": "1,1.5"}, ["cpu:int8"]),
+                             **SMALL).run()
+    write_results(result, tmp_path, [{"name": "cpu:int8", "cost": "latency_ms", "table": "/t/int8.csv"}])
+    fleet = json.loads((tmp_path / FLEET_FILE).read_text())
+    assert [c["targets"] for c in fleet["cells"]] == [["cpu:int8"], ["cpu:int8"]]
+    assert [c["best_file"] for c in fleet["cells"]] == ["best_latency_ms-1.yaml", "best_latency_ms-1.5.yaml"]
+    assert list(pd.read_csv(tmp_path / "matrix.csv")["target"]) == ["cpu:int8", "cpu:int8"]
