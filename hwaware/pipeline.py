@@ -452,7 +452,7 @@ def export_fleet(search_dir: str | Path, out: str | Path, *, checkpoint: str | P
     fleet = read_fleet(search_dir)
     checkpoint = Path(checkpoint or fleet.get("checkpoint") or "")
     if not checkpoint.is_file():
-        raise HwawareError(f"export: the fleet's checkpoint {checkpoint} is not there; name it with --checkpoint")
+        raise HwawareError(f"export: the fleet's checkpoint {checkpoint} is not there; give the checkpoint it searched")
     _check_fleet_out(out, force)
     sizes = parse_batch_sizes(batch_sizes)
     targets = {t["name"]: t for t in fleet["targets"]}
