@@ -272,7 +272,15 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
         return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
                             card_extra=card, sample_inputs=sample, quantize_mode=quantize_mode,
                             calibration_inputs=calibration, accuracy_batches=accuracy_batches or None,
-                            max_accuracy_drop=max_accuracy_drop)
+                            max_accuracy_drop=max_accuracy_drop, table_batch=latency.batch_size if latency else None,
+                            measure_settings=_table_settings(latency))
+
+
+def _table_settings(table):
+    """The measurement settings a table was timed with (None without a table)."""
+    from hwaware.latency import MeasureSettings
+
+    return MeasureSettings.from_dict(table.meta.get("settings"), f"{table.path}: settings") if table else None
 
 
 def _card_scorers(model, data: str, scoring: Mapping[str, Any]) -> dict[str, Any]:
@@ -327,6 +335,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
 
     Without a table for this device the model is still timed, with the device profile's settings.
     The result goes into card.json under `bench` (and `measured_latency_ms`) when `record`.
+    TensorRT times the exported model.plan itself (its metadata checked against this GPU and TensorRT,
+    never rebuilt) and notes where the served batch or optimisation profile differs from the table's.
     """
     import torch
 
@@ -349,10 +359,13 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     precision = latency.precision if latency else (precision or profile.precision)
     batch_size = batch_size or (latency.batch_size if latency else profile.batch_sizes[0])
     runner_backend = resolve_backend(profile, backend, precision, settings.threads,
-                                     latency.quantize_mode if latency else None)
+                                     latency.quantize_mode if latency else None, settings.cuda_graph)
     x = torch.randn(batch_size, space.in_chans, space.img_size, space.img_size)
+    notes: list[str] = []
     if backend == "torch":
         runner = runner_backend.prepare(load_model(export_dir), x)
+    elif backend == "tensorrt":
+        runner, notes = _plan_runner(runner_backend, export_dir, x, latency)
     else:
         _check_quantize_mode(card, precision, latency)
         onnx_path = served_onnx(export_dir, precision)
@@ -365,7 +378,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     result: dict[str, Any] = {
         "device": device, "backend": backend, "precision": precision, "batch_size": batch_size,
         "measured_ms": measured, "statistic": settings.statistic, "stats": stats.to_dict(),
-        "threads": settings.threads, "arch": arch.to_dict(),
+        "threads": settings.threads, "cuda_graph": settings.cuda_graph, "arch": arch.to_dict(),
+        **({"notes": notes} if notes else {}),
     }
     if latency is not None and latency.batch_size == batch_size and latency.backend == backend:
         predicted = latency.predict(arch)
@@ -378,6 +392,22 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
                 fields["measured_latency_ms"] = measured
             update_card(export_dir, **fields)
     return result
+
+
+def _plan_runner(backend, export_dir: Path, example, table) -> tuple[Any, list[str]]:
+    """A runner for the export's model.plan, and why its timing may differ from the table's prediction."""
+    from hwaware.export import PLAN_FILE
+    from hwaware.tensorrt_build import profile_differences, read_metadata
+
+    plan = export_dir / PLAN_FILE
+    if not plan.is_file():
+        raise HwawareError(f"bench: {export_dir} has no {PLAN_FILE}; export with --format tensorrt to bench tensorrt")
+    runner = backend.prepare_plan(plan, example)
+    table_profile = (table.meta.get("backend_settings") or {}).get("optimization_profile") if table else None
+    notes = profile_differences(read_metadata(plan), table_profile, int(example.shape[0]))
+    for note in notes:
+        _log(f"hwaware bench: note: {note}")
+    return runner, notes
 
 
 def _check_quantize_mode(card: dict[str, Any], precision: str, table) -> None:

@@ -5,6 +5,7 @@
 #   3. onnxruntime fp16 batch 1 through the CUDA execution provider if this onnxruntime has it,
 #   4. TensorRT fp16 batch 1 if tensorrt is installed,
 #   5. CUDA training with AMP, fp16 export (TensorRT where installed) and bench of digits and autoformer-t,
+#   (issue 19) the TensorRT-path tests and a torch table timed from CUDA graph replays beside the eager one,
 #   6. quantized TensorRT: the gpu-marked quantize tests (int8 and, on compute capability 8.9+, fp8 engines
 #      from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t (relative position encoding) with TensorRT,
 #      and an int8 TensorRT latency table,
@@ -65,6 +66,29 @@ for precision in fp16 bf16; do
       --backend torch --precision "$precision" --batch "$batch" --out "$TABLES" "${QUICK[@]}"
   done
 done
+# ---- The TensorRT path on a CUDA machine without TensorRT (issue 19) ----------------------------------------
+# The torch backend timed eagerly (the fp16 b1 table above) and from replays of a captured CUDA graph (this table,
+# in its own folder: the setting is in its sidecar, not in its name); the gpu-marked TensorRT tests, which skip
+# with their reason where TensorRT is missing; the conformance test against the real bindings where cached.
+run "tensorrt-path gpu tests" "$PY" -m pytest tests/test_tensorrt.py -m gpu -q -p no:cacheprovider -rs
+run "tensorrt-path tests (stand-in tensorrt, real bindings)" "$PY" -m pytest tests/test_tensorrt.py \
+  tests/test_tensorrt_conformance.py -q -p no:cacheprovider -rs
+run "torch fp16 b1 cuda graph" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
+  --backend torch --precision fp16 --batch 1 --cuda-graph --out "$TABLES/cuda-graph" "${QUICK[@]}"
+"$PY" - "$TABLES" <<'PYEOF'
+import json, sys, pathlib
+root = pathlib.Path(sys.argv[1])
+for eager in sorted(root.glob("*-torch-fp16-autoformer-t-b1.json")):
+    graph = root / "cuda-graph" / eager.name
+    if graph.is_file():
+        a, b = (json.loads(p.read_text()) for p in (eager, graph))
+        largest = lambda m: max(s["measured_ms"] for s in m["subnets"])
+        smallest = lambda m: min(s["measured_ms"] for s in m["subnets"])
+        print(f"torch fp16 b1 subnets, eager vs CUDA graph: fastest {smallest(a):.3f} vs {smallest(b):.3f} ms, "
+              f"slowest {largest(a):.3f} vs {largest(b):.3f} ms (cuda_graph={b['settings'].get('cuda_graph')})")
+PYEOF
+"$PY" -c "from hwaware.tensorrt_build import tensorrt_unavailable_reason as r; print('SKIP tensorrt plan bench and '
+'trtexec check:', r()) if r() else print('tensorrt present: the sections below build, audit and bench engines')"
 if "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
   run "onnxruntime fp16 b1" "$PY" -m hwaware.cli profile --device "$DEVICE" --space autoformer-t \
     --backend onnxruntime --precision fp16 --batch 1 --out "$TABLES" "${QUICK[@]}"
@@ -134,6 +158,16 @@ run "search t scored on the gpu" "$PY" -m hwaware.cli search --checkpoint "$RUNS
   --score-images 2000 --compute-device cuda --out "$RUNS/search-t-gpu" --quiet
 echo "search: $(( $(date +%s) - START )) s for 100 subnets x 2000 images (incl. start-up, decoding, held-out)"
 run "scoring throughput" "$PY" benchmarks/scoring_throughput.py --cuda-only --batch 256 --batches 4 --rounds 4
+# (issue 19, continued) Where TensorRT is installed: bench the fp16 plan the export shipped (loaded, never rebuilt)
+# and print the trtexec command its card carries, so the same engine can be checked with NVIDIA's tool.
+if "$PY" -c "import tensorrt" 2>/dev/null && [ -f "$RUNS/export-t/model.plan" ]; then
+  run "bench t tensorrt plan b1" "$PY" -m hwaware.cli bench "$RUNS/export-t" --device "$DEVICE" --backend tensorrt \
+    --precision fp16 --batch 1 --tables "$TABLES"
+  "$PY" -c "import json, sys; t = json.load(open(sys.argv[1]))['tensorrt']; print('layer precisions:', \
+t['layer_precisions']); print('trtexec:', t['trtexec'])" "$RUNS/export-t/card.json"
+else
+  echo "SKIP tensorrt plan bench: TensorRT is not installed or no model.plan was exported"
+fi
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib
 for side in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):

@@ -40,6 +40,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         find_present(profile)  # before torch loads: an absent device is a quick one-line answer
     overrides = {k: getattr(args, k) for k in ("threads", "warmup", "min_repeats", "min_time_s", "fit_subnets",
                                                 "holdout_subnets")}
+    overrides["cuda_graph"] = True if args.cuda_graph else None
     settings = profile.measurement.replace(**overrides)
     if args.estimate:
         from hwaware.latency.estimate import estimate_table
@@ -103,6 +104,8 @@ def register(sub) -> None:
                       help="whole subnets the correction is fitted on (--recalibrate: default 10)")
     prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, 0, 1000),
                       help="held-out subnets it is validated on (--recalibrate: default 10)")
+    prof.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                      help="GPU: time replays of a captured CUDA graph (torch, tensorrt); recorded in the table")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
     prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")
     prof.add_argument("--calibrate-from", dest="calibrate_from", help="measured table to fit --estimate's efficiencies on")
