@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import os
 import pickle
 import random
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hwaware.errors import HwawareError
+from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
+from hwaware.stopping import ignore_stop_signals_in_worker
 
 __all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed", "has_split", "dataset_targets",
            "stratified_sample", "image_ids"]
@@ -47,6 +50,9 @@ ANIMALS_FILES = {  # file in the wheel's animal_mnist/data/Animal_MNIST/ -> its 
 }
 ANIMALS_FRACTIONS = (0.60, 0.20, 0.20)
 ANIMALS_SHIFT = 2  # training jitter: random translation by up to this many pixels (zero padded), plus a mirror
+# one file of a dataset read whole (animals' arrays, a CIFAR batch: 2.6 and 31 MB): a device, a FIFO or a file
+# over this is refused before it is read, wherever the dataset was pointed
+DATASET_FILE_MAX_BYTES = 256 << 20
 
 
 def mix_seed(*parts: int) -> int:
@@ -106,10 +112,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 def read_array_pickle(path: Path, sha256: str) -> np.ndarray:
     """A gzip'd pickle of one numeric numpy array, after checking the file's SHA-256; HwawareError otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise HwawareError(f"data: cannot read {path} ({exc.strerror or exc})") from None
+    raw = read_bytes_file(path, "data", DATASET_FILE_MAX_BYTES)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise HwawareError(f"data: {path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; reinstall it")
@@ -243,19 +246,29 @@ def _require_dir(path: Path, what: str) -> None:
 
 def _imagefolder(root: Path, space: SearchSpace, split: str, augment: bool, auto_augment, reprob,
                  decoded: bool = False) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
     folder = root / split
     if not folder.is_dir():
         raise HwawareError(f"data: {folder} is missing; imagefolder:PATH expects PATH/train and PATH/val (and PATH/test for --split test)")
     _check_same_classes(root, split)
     transform = _image_transform(space, augment, auto_augment, reprob, decoded)
     try:
-        dataset = ImageFolder(str(folder), transform=transform)
+        dataset = _image_files(folder, transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise HwawareError(f"data: {folder}: {exc}") from None
     dataset.normalize = getattr(transform, "normalize", None)
     return dataset
+
+
+def _image_files(folder: Path, transform) -> Dataset:
+    """An image folder behind the one image door (hwaware.images): every file checked before and after decoding,
+    the scan refusing symlink loops. A bad file stops the run; with HWAWARE_BAD_IMAGES=skip the scan leaves out,
+    and counts, the files whose header already shows them bad."""
+    from hwaware.images import BAD_IMAGE_POLICIES, ImageFiles, ImageReader
+
+    policy = os.environ.get("HWAWARE_BAD_IMAGES", "error")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise HwawareError(f"HWAWARE_BAD_IMAGES: must be {' or '.join(BAD_IMAGE_POLICIES)}, got {policy[:40]!r}")
+    return ImageFiles(folder, transform, ImageReader(bad_images=policy))
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -282,6 +295,8 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if classes == 10 else CIFAR100
+    _check_dataset_files(root / cls.base_folder, [name for name, _ in cls.train_list + cls.test_list]
+                         + [cls.meta["filename"]])
     transform = _image_transform(space, augment, auto_augment, reprob, decoded)
     try:
         dataset = cls(str(root), train=split != "test", download=False, transform=transform)
@@ -297,6 +312,15 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     subset = Subset(dataset, keep.tolist())
     subset.classes, subset.normalize = dataset.classes, dataset.normalize
     return subset
+
+
+def _check_dataset_files(folder: Path, names: list[str]) -> None:
+    """Refuse, unread, any of `names` in `folder` that is not a regular file of at most DATASET_FILE_MAX_BYTES
+    (torchvision would hash it whole first: /dev/zero never ends, a FIFO never answers). Missing ones are
+    left to the dataset's own message."""
+    for name in names:
+        if os.path.lexists(folder / name):
+            check_regular_file(folder / name, "data", DATASET_FILE_MAX_BYTES)
 
 
 def _check_fit(spec: str, space: SearchSpace, num_classes: int, chans: int | None, size: int | None) -> None:
@@ -501,6 +525,6 @@ def build_loader(
     sampler = ResumableSampler(len(dataset), shuffle, seed, epoch, rank, world_size, start_batch * batch_size)
     return DataLoader(
         SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory,
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals_in_worker,
     )
 

@@ -209,7 +209,7 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     training images (static mode); its float and quantized top-1 on the same image sets go on the
     card, and it is refused past `max_accuracy_drop` points.
     """
-    from hwaware.checkpoint import check_finite
+    from hwaware.checkpoint import check_finite, checkpoint_state, file_identity
     from hwaware.distributed import setup_distributed
     from hwaware.evaluation import load_supernet
     from hwaware.export import export_model, preflight
@@ -221,6 +221,7 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     quantized = get_precision(precision).quantized
     if not quantized:  # each set is scored once: nothing to keep decoded
         scoring["cache_mib"] = 0
+    read_from = file_identity(checkpoint)
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
@@ -229,7 +230,8 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     if quantized and data is None and (max_accuracy_drop is not None or quantize_mode == "static"):
         raise HwawareError("data: the checkpoint records no dataset (an imported supernet?), and a quantized "
                            "export's calibration or accuracy limit needs images; pass --data")
-    card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
+    card: dict[str, Any] = {"checkpoint": str(checkpoint), "checkpoint_state": checkpoint_state(checkpoint, meta, read_from),
+                            "data": data}
     scorers = _card_scorers(model, data, scoring) if data is not None else {}
     accuracy = {}
     for name, scorer in scorers.items():
@@ -608,11 +610,12 @@ def _log(message: str) -> None:
 
 
 def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = None, device: str = "cpu",
-                 progress: bool = True, log=_log) -> dict[str, Any]:
+                 progress: bool = True, log=_log, claimed=lambda: None) -> dict[str, Any]:
     """Train on digits, profile this CPU in fp32 and INT8, search both tables in one search under a latency
     budget each, export and bench the fp32 pick, write report.md with the deployment matrix.
 
     Every stage finds its output already there and skips, so an interrupted pipeline continues.
+    `claimed()` runs once `out` is locked, before the first stage (the CLI records the project file there).
     """
     from hwaware.export import CARD_FILE, read_card
     from hwaware.latency import LatencyTable, find_table, load_device_profile, profile_device
@@ -639,6 +642,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", latency_ms: float | None = N
             return profile_device(device, space, precision=precision, out=tables, progress=progress)  # resumes
 
     with folder_lock(out, "pipeline"):  # one pipeline per folder; also checks it is writable
+        claimed()
         stage("train")
         train_supernet(make_config(space="digits", data="digits", out=str(out / "supernet"), progress=progress))
         done("train")

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
+from hwaware import bounds
 from hwaware.checkpoint import (
     CHECKPOINT_FILE,
     check_finite,
@@ -49,8 +49,9 @@ from hwaware.data import ResumableSampler, build_dataset, build_loader, mix_seed
 from hwaware.distributed import setup_distributed
 from hwaware.errors import HwawareError
 from hwaware.evaluation import evaluate, load_supernet
-from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_text_file
+from hwaware.io import atomic_write_text, excerpt, file_sha256, folder_lock, read_yaml
 from hwaware.space import Arch, SearchSpace, get_space
+from hwaware.stopping import deferred_stop, stop_here, stop_requested
 from hwaware.supernet import SuperViT
 
 __all__ = ["TrainConfig", "RECIPES", "make_config", "train_supernet", "SupernetTrainer", "tracked_archs", "val_summary"]
@@ -130,6 +131,10 @@ class TrainConfig:
                                f"use at most {workers}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise HwawareError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        for name, (low, high) in bounds.TRAINING.items():  # a recipe YAML meets the bounds of the CLI's flags
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise HwawareError(f"{name}: must be in {low}..{high}, got {excerpt(value)}")
         return self
 
     def fixed_arch(self, space: SearchSpace) -> Arch | None:
@@ -209,10 +214,7 @@ def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
         path = Path(recipe)
         if not path.exists():
             raise HwawareError(f"recipe: {excerpt(recipe)} is neither a built-in recipe ({', '.join(RECIPES)}) nor a file")
-        try:
-            values = yaml.safe_load(read_text_file(path, "recipe", max_bytes=1 << 20))
-        except yaml.YAMLError as exc:
-            raise HwawareError(f"recipe: {path}: malformed YAML ({str(exc).splitlines()[0][:120]})") from None
+        values = read_yaml(path, "recipe")
         if not isinstance(values, dict):
             raise HwawareError(f"recipe: {path}: expected a mapping of training settings")
     known = {f.name: f.type for f in fields(TrainConfig)}
@@ -481,7 +483,8 @@ def train_supernet(config: TrainConfig | None = None, **overrides: Any) -> dict[
                 claim_run_dir(out, config.identity(space))
             if world > 1:
                 dist.barrier()
-            return _run(config, space, out, rank, world, device, train_data, val_data)
+            with deferred_stop():
+                return _run(config, space, out, rank, world, device, train_data, val_data)
     finally:
         if owned_group:
             dist.destroy_process_group()
@@ -561,6 +564,10 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
                 seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 checkpoint()
+            if stop_requested():  # SIGTERM/SIGINT (hwaware.stopping): keep this step, then leave
+                seconds += time.perf_counter() - started
+                checkpoint()
+                stop_here(f"{checkpoint_path} at step {trainer.step}")
         bar.close()
         seconds += time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch + 1, "step": trainer.step, "lr": trainer.lr,

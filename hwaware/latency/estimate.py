@@ -9,13 +9,13 @@ a measured table for the same settings exists to check against.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hwaware.errors import HwawareError
+from hwaware.io import utc_timestamp
 from hwaware.latency.devices import DeviceProfile, find_present, list_profiles, load_device_profile
 from hwaware.latency.profile import space_pieces
 from hwaware.latency.table import COLUMNS, LatencyTable, table_name, validation_metrics
@@ -122,7 +122,7 @@ def estimate_table(device: str, space: str | SearchSpace, backend: str | None = 
     meta = {
         "device": target.name, "description": target.description, "backend": backend, "precision": precision,
         "batch_size": batch, "space": space.name, "space_def": space.to_dict(), "estimated": True,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "statistic": "median",
+        "date": utc_timestamp(), "statistic": "median",
         "estimate": {"model": "max(flops / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency)) "
                               "+ overhead_ms, per piece", "peak_flops": peak, "memory_bandwidth": bandwidth,
                      **efficiency},

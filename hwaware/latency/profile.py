@@ -16,14 +16,13 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, read_json
+from hwaware.io import atomic_write_text, open_regular, read_json, utc_timestamp
 from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved
@@ -44,12 +43,19 @@ def space_pieces(space: SearchSpace) -> list[Piece]:
 
 
 def sample_subnets(space: SearchSpace, count: int, rng: random.Random) -> list[Arch]:
-    """`count` distinct random subnets (fewer if the space has fewer)."""
+    """`count` distinct random subnets; a space with fewer is refused, never quietly handed back fewer (a
+    recalibration's hold-out would shrink to nothing)."""
+    if count > space.num_subnets():
+        raise HwawareError(f"subnets: {count} distinct subnets asked of space {space.name}, which has only "
+                           f"{space.num_subnets()}")
     chosen: dict[Arch, None] = {}
     for _ in range(count * 50):
         if len(chosen) >= count:
             break
         chosen.setdefault(space.sample(rng))
+    if len(chosen) < count:
+        raise HwawareError(f"subnets: {count * 50} draws from space {space.name} found {len(chosen)} distinct "
+                           f"subnets of the {count} asked; ask for fewer")
     return list(chosen)
 
 
@@ -79,7 +85,7 @@ class PartialLog:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
+            with open_regular(self.path, "r+b") as f:
                 f.truncate(len(data))
         lines = data.decode().splitlines()
         if not lines:
@@ -90,7 +96,7 @@ class PartialLog:
 
     def append(self, rows: list[dict]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
+        with open_regular(self.path, "a") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             if new:
                 writer.writeheader()
@@ -146,7 +152,7 @@ class Profiler:
         self.audit_path.unlink(missing_ok=True)
         if self.log.path.exists():  # a log without its run info cannot be trusted to match
             self.log.path.unlink()
-        info = {"config": self.config(), "started": _now(), "environment": environment(self.backend)}
+        info = {"config": self.config(), "started": utc_timestamp(), "environment": environment(self.backend)}
         atomic_write_text(self.run_info_path, json.dumps(info, indent=1) + "\n")
         return []
 
@@ -180,7 +186,7 @@ class Profiler:
     def _row(kind: str, key: str, stats: Stats, seconds: float, attempt=0, drifted=False, ratio=1.0) -> dict:
         return {"kind": kind, "key": key, **{k: f"{v:.6g}" for k, v in stats.to_dict().items()}, "attempt": attempt,
                 "drifted": int(drifted), "anchor_ratio": f"{ratio:.4f}", "seconds": f"{seconds:.3f}",
-                "load": f"{os.getloadavg()[0]:.2f}", "time": _now()}
+                "load": f"{os.getloadavg()[0]:.2f}", "time": utc_timestamp()}
 
     def _segment(self, items: list[_Item], phase: str, anchors: list[float]) -> list[dict]:
         """Export and load `items`, then time them interleaved with the anchor; time them again
@@ -268,7 +274,7 @@ class Profiler:
         meta = {
             "device": self.profile.name, "description": self.profile.description, "backend": self.backend.name,
             "precision": self.backend.precision, "batch_size": self.batch_size, "space": self.space.name,
-            "space_def": self.space.to_dict(), "estimated": False, "started": info["started"], "finished": _now(),
+            "space_def": self.space.to_dict(), "estimated": False, "started": info["started"], "finished": utc_timestamp(),
             "environment": info["environment"], "settings": self.settings.to_dict(), "seed": self.seed,
             "backend_settings": self.backend.settings(), "calibration": Calibration().to_dict(),
             "statistic": self.settings.statistic,
@@ -365,10 +371,6 @@ def _layer_shares(audits: dict[str, dict]) -> dict:
     total = sum(counts.values())
     return {"engines": len(audits), "layers": round(total),
             "shares": {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import file_sha256
+from hwaware.io import file_sha256, utc_timestamp
 from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
@@ -83,7 +83,7 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
     archs = sample_subnets(table.space, count, random.Random(seed))
     measured = measure_subnets(backend, table, archs, settings, progress, desc=f"validate {Path(csv_path).stem}")
     return {**validation_metrics(measured, [table.predict(a) for a in archs]), "seed": seed,
-            "statistic": settings.statistic, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "statistic": settings.statistic, "date": utc_timestamp()}
 
 
 def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 10, holdout_subnets: int = 10,
@@ -125,7 +125,7 @@ def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 
             "from": str(csv_path), "from_csv_sha256": file_sha256(csv_path),
             "previous_environment": table.meta.get("environment"), "previous_calibration": table.meta.get("calibration"),
             "validation_before": validation_metrics([measured[i] for i in held], before),
-            "seed": seed, "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seed": seed, "seconds": round(seconds, 1), "date": utc_timestamp(),
             "subnets": [{"arch": a.to_dict(), "measured_ms": m, "piece_sum_ms": s,
                          "split": "fit" if i < fit_subnets else "holdout"}
                         for i, (a, m, s) in enumerate(zip(archs, measured, sums))],
