@@ -702,8 +702,8 @@ def _report(card, bench, table, budget, timings, result, out: Path, search_dir: 
         "# hwaware pipeline report",
         "",
         f"Supernet trained on `{card['data']}`; latency table `{Path(table.path).name}`; "
-        f"one search of {len(result.cells)} targets x budgets ({result.strategy}, {len(result.evaluations)} subnets "
-        "evaluated on val).",
+        f"one search of {len(result.cells)} target x budget cells ({result.strategy}, {len(result.evaluations)} "
+        "subnets evaluated on val).",
         "",
         f"![accuracy against latency]({figure.as_posix()})",
         "",
