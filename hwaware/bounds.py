@@ -10,6 +10,7 @@ TRAINING: dict[str, tuple[float, float]] = {
     "lr": (0, 10), "min_lr": (0, 10), "warmup_epochs": (0, 100_000), "weight_decay": (0, 100), "drop_path": (0, 0.99),
     "clip_grad": (0, 1e6), "ema_decay": (0, 0.99999), "seed": (0, 2**32 - 1), "checkpoint_every": (0, 10**9),
     "num_workers": (0, 256), "threads": (0, 1024),  # threads 0: torch's default
+    "global_batch": (0, 1 << 24), "aug_repeats": (1, 16), "val_images": (0, 10**9),
 }
 
 MEASUREMENT: dict[str, tuple[float, float]] = {

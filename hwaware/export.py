@@ -629,9 +629,9 @@ def export_model(
 
 
 def _progress_bar(total: int):
-    from tqdm import tqdm
+    from hwaware.progress import progress
 
-    return tqdm(total=total, desc="export", disable=None)
+    return progress(total=total, desc="export", unit="stage", every=1)
 
 
 def _check_inputs(model, arch, space, card_extra, precision, quantize_mode, calibration_inputs, sample_inputs,

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from hwaware.errors import HwawareError
 from hwaware.io import atomic_write_text
+from hwaware.progress import progress
 from hwaware.space import Arch, SearchSpace
 
 __all__ = [
@@ -534,8 +533,8 @@ class EvolutionSearch:
         fitness_calls = 0
         done = min(run.generation for run in runs.values())
         what = self.cells[0].label if len(self.cells) == 1 else f"{len(self.cells)} cells"
-        with tqdm(total=self.generations, initial=done, desc=f"{self.strategy} {what}", unit="gen", file=sys.stderr,
-                  disable=not self.progress, dynamic_ncols=True) as bar:
+        with progress(total=self.generations, initial=done, desc=f"{self.strategy} {what}", unit="gen",
+                      file=sys.stderr, disable=not self.progress, dynamic_ncols=True, every=1) as bar:
             for generation in range(done, self.generations):
                 for cell, share in zip(self.cells, self._shares(generation), strict=True):
                     run = runs[cell.label]

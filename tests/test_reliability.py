@@ -196,8 +196,8 @@ def test_sigterm_outside_a_safe_point_stops_at_once_and_a_stuck_one_within_the_g
 def test_sigterm_reaches_hwaware_running_as_pid_1_in_a_container(tmp_path):
     """The kernel drops a signal to a namespace's pid 1 that has no handler: `docker stop` then waits for SIGKILL."""
     code = ("import os, sys, time\nfrom hwaware.stopping import Stopped, stop_signals_handled\n"
-            "assert os.getpid() == 1\nwith stop_signals_handled():\n    print('ready', flush=True)\n"
-            "    try:\n        time.sleep(60)\n    except Stopped as stop:\n        sys.exit(stop.exit_status)\n")
+            "assert os.getpid() == 1\nwith stop_signals_handled():\n    try:\n        print('ready', flush=True)\n"
+            "        time.sleep(60)\n    except Stopped as stop:\n        sys.exit(stop.exit_status)\n")  # ready inside the try: no race
     box = subprocess.Popen(["unshare", "-rpf", sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert box.stdout.readline() == "ready\n"

@@ -223,7 +223,7 @@ class Profiler:
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Measure what is missing, then write the finished table; returns its path."""
-        from tqdm import tqdm
+        from hwaware.progress import progress
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         done = self._start_or_resume()
@@ -236,7 +236,7 @@ class Profiler:
         }
         total = len(self.pieces) + len(self.subnets)
         remaining = sum(len(v) for v in todo.values())
-        with tqdm(total=total, initial=total - remaining, desc=f"profile {self.csv_path.stem}", unit="item",
+        with progress(total=total, initial=total - remaining, desc=f"profile {self.csv_path.stem}", unit="item",
                   disable=not self.progress, file=None) as bar:
             for phase, items in todo.items():
                 step = max(1, self.settings.anchor_every)

@@ -54,14 +54,13 @@ def warn_if_other_host(table: LatencyTable, command: str = "hwaware") -> None:
 def measure_subnets(backend: Backend, table: LatencyTable, archs: list[Arch], settings: MeasureSettings,
                     progress: bool = True, desc: str = "subnets") -> list[float]:
     """Each Arch exported and timed end to end as the table's statistic (median or min), in ms."""
-    from tqdm import tqdm
-
+    from hwaware.progress import progress as progress_bar
     from hwaware.vit import build_vit
 
     space = table.space
     measured = []
     with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
-        for arch in tqdm(archs, desc=desc, disable=not progress, file=sys.stderr):
+        for arch in progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr):
             x = torch.randn(table.batch_size, space.in_chans, space.img_size, space.img_size)
             runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
             measured.append(time_runner(runner, settings).reading(settings.statistic))
