@@ -386,6 +386,27 @@ def write_triton_model(
     return folder
 
 
+def write_triton_per_gpu_model(
+    repository: Path, name: str, plans: dict[str, Path], io: dict, batch_sizes: tuple[int, ...]
+) -> Path:
+    """One Triton `tensorrt_plan` model holding a plan per GPU kind, `plans` keyed by compute capability ("7.5"):
+    Triton loads the one whose `cc_model_filenames` key is the GPU's capability, so one repository serves T4 and
+    A100 nodes alike. No default file: a GPU without its own plan refuses to load rather than run another's."""
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    entries = []
+    for capability, plan in sorted(plans.items()):
+        if not re.fullmatch(r"[0-9]{1,2}\.[0-9]", capability):
+            raise HwawareError(f"triton: {capability!r} is not a compute capability such as 7.5")
+        file = f"model.sm{capability.replace('.', '')}.plan"
+        shutil.copyfile(plan, folder / "1" / file)
+        entries.append(f'  {{\n    key: "{capability}"\n    value: "{file}"\n  }}')
+    config = triton_config(name, "tensorrt_plan", io, batch_sizes, True)
+    config += "cc_model_filenames [\n" + ",\n".join(entries) + "\n]\n"
+    atomic_write_text(folder / "config.pbtxt", config)
+    return folder
+
+
 def triton_name(out_dir: str | Path) -> str:
     """A Triton model name from the export folder's name (letters, digits, `_` and `-` only)."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(out_dir).resolve().name).strip("_")
