@@ -15,8 +15,10 @@ table of a present CPU), which is all the CPU path has to go on.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +267,19 @@ def stack_rows(reference: pd.DataFrame, backend: str, precision: str = "fp16") -
 def gpu_estimate_model(backend: str, precision: str, reference: str | Path | None = None) -> dict:
     """The fitted parameters for `backend` and their leave-one-GPU-out error, as a sidecar records them."""
     from hwaware.io import file_sha256
-    from hwaware.reference import load_reference, reference_path
+    from hwaware.reference import reference_path
 
     path = Path(reference) if reference else reference_path()
+    model = _fitted_model(backend, "fp16" if precision in COVERED_PRECISIONS else precision, str(path), file_sha256(path))
+    return copy.deepcopy(model)
+
+
+@lru_cache(maxsize=8)
+def _fitted_model(backend: str, precision: str, path: str, sha256: str) -> dict:
+    """Fitting and leave-one-GPU-out take a few seconds; a search prices many tables from one file."""
+    from hwaware.reference import load_reference
+
+    path = Path(path)
     rows = stack_rows(load_reference(path), backend, precision)
     params = fit_kernel_params(rows)
     logo = leave_one_gpu_out(rows)
@@ -276,7 +288,7 @@ def gpu_estimate_model(backend: str, precision: str, reference: str | Path | Non
                      "(bandwidth * memory_efficiency)) + attention as the stack computes it + LayerNorm/GELU/"
                      "residual bytes / (bandwidth * memory_efficiency) + layer_overhead_ms; + model_overhead_ms",
             "params": asdict(params), "stacks": sorted(rows["stack"].unique()), "gpus": sorted(rows["gpu"].unique()),
-            "reference": {"file": path.name, "sha256": file_sha256(path), "rows": len(rows)},
+            "reference": {"file": path.name, "sha256": sha256, "rows": len(rows)},
             "expected_error": {"method": "leave one GPU out", **logo}}
 
 
@@ -412,16 +424,19 @@ def estimate_table(device: str, space: str | SearchSpace, backend: str | None = 
         if calibrate_from:
             raise HwawareError("estimate: a GPU estimate is fitted on the public GPU reference data, not on a measured "
                                "table; to adapt a measured table to this GPU, transfer it")
-        check_peaks(target, "fp16" if precision in COVERED_PRECISIONS else precision)
-        model = gpu_estimate_model(backend, precision, reference)
+        model = gpu_estimate_model(backend, precision, reference)  # refuses what the data do not cover
+        check_peaks(target, "fp16")
         # AutoFormer's relative position terms are explicit matmuls around the scores: never one fused kernel
         fused = not space.relative_position
         records = _gpu_pieces(space, target, precision, batch, KernelParams(**model["params"]), fused)
         error = model["expected_error"]
         lo, hi = error["batch_range"]
-        model["coverage"] = ("covered" if lo <= batch <= hi else
-                             f"batch {batch} is outside the reference batches {lo}-{hi}: the expected error is "
-                             "extrapolated") + ("" if fused else "; unfused attention (relative position encoding)")
+        seen = (f"{target.name} is in the reference data" if target.name in model["gpus"] else
+                f"{target.name} is not in the reference data ({', '.join(model['gpus'])}): expect the "
+                "leave-one-GPU-out error, more on a GPU class none of them belongs to (e.g. power-limited)")
+        batches = ("" if lo <= batch <= hi else
+                   f"; batch {batch} is outside the reference batches {lo}-{hi}: the error there is not known")
+        model["coverage"] = seen + batches + ("" if fused else "; attention unfused (relative position encoding)")
         model.update(peak_flops=target.peak_flops_for(precision), memory_bandwidth=target.memory_bandwidth)
         estimate = model
     else:
@@ -453,7 +468,7 @@ def expected_error_line(table: LatencyTable) -> str | None:
     return (f"{table.path}: ESTIMATED latencies; on GPUs it never saw the model was off by {100 * error['mape']:.0f} % "
             f"on average ({100 * error['within_10pct']:.0f} % of {error['n']} within 10 %, "
             f"{100 * error['within_25pct']:.0f} % within 25 %, Kendall tau {tau if tau is None else f'{tau:.2f}'}; "
-            f"batches {lo}-{hi})")
+            f"batches {lo}-{hi}{'' if lo <= table.batch_size <= hi else f', not {table.batch_size}: unknown there'})")
 
 
 def _check_against_measured(table: LatencyTable, root: Path) -> dict:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from hwaware.errors import HwawareError
 from hwaware.io import file_sha256
+from hwaware.latency.devices import MeasureSettings
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, table_name, validation_metrics
 from hwaware.space import get_space
 
@@ -67,11 +68,12 @@ def fit_adapter(source_ms, measured_ms, method: str = "affine") -> Adapter:
 
 def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, space: str | None = None,
                    backend: str | None = None, precision: str | None = None, batch: int | None = None,
-                   threads: int | None = None, quantize_mode: str | None = None, fit_subnets: int = 10,
+                   settings: MeasureSettings | None = None, quantize_mode: str | None = None, fit_subnets: int = 10,
                    holdout_subnets: int = 10, seed: int = 0, method: str = "affine", progress: bool = True,
                    force: bool = False) -> Path:
     """Adapt the measured table `source_csv` to the present `device` from `fit_subnets` subnets timed there,
-    validated on `holdout_subnets` others; writes the target's table in `out` and returns its path."""
+    validated on `holdout_subnets` others; writes the target's table in `out` and returns its path.
+    `settings` (default: the device profile's) say how each subnet is timed, threads included."""
     from hwaware.latency.backends import environment
     from hwaware.latency.devices import load_device_profile
     from hwaware.latency.profile import resolve_backend, sample_subnets
@@ -92,13 +94,13 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
                                f"{wanted.name!r}; transfer a table of that space")
     if fit_subnets < 2 or holdout_subnets < 0:
         raise HwawareError(f"transfer: needs at least 2 subnets to fit on (got {fit_subnets}) and 0 or more held out")
-    if fit_subnets + holdout_subnets > table_space.num_subnets:
-        raise HwawareError(f"transfer: space {table_space.name} has {table_space.num_subnets} subnets, fewer than "
+    if fit_subnets + holdout_subnets > table_space.num_subnets():
+        raise HwawareError(f"transfer: space {table_space.name} has {table_space.num_subnets()} subnets, fewer than "
                            f"the {fit_subnets} + {holdout_subnets} asked for")
     profile = load_device_profile(device)
     backend_name, precision = backend or profile.backend, precision or profile.precision
     batch = batch or profile.batch_sizes[0]
-    settings = profile.measurement.replace(threads=threads)
+    settings = settings or profile.measurement
     runner = resolve_backend(profile, backend_name, precision, settings.threads, quantize_mode)
     target = Path(out) / table_name(profile.name, runner.name, runner.precision, table_space.name, batch)
     if target.resolve() == source_csv.resolve() and not force:
