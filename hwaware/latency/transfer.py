@@ -45,11 +45,12 @@ class Adapter:
                            self.factor * calibration.intercept + self.offset)
 
 
-def fit_adapter(source_ms, measured_ms, method: str = "affine") -> Adapter:
+def fit_adapter(source_ms, measured_ms, method: str = "affine", floor_ms: float | None = None) -> Adapter:
     """The map from the source's predictions to the target's measurements, least squares on relative error.
 
-    An affine fit whose offset would make the smallest source prediction non-positive (noise on few
-    subnets) falls back to the factor alone: a transferred table must still rank as its pieces do.
+    An affine fit that would price a subnet of source latency `floor_ms` (default: the smallest fitted one;
+    a table passes its cheapest subnet) at zero or less falls back to the factor alone: noise on a few
+    subnets must not make any subnet free.
     """
     if method not in ADAPTERS:
         raise HwawareError(f"transfer: method must be one of {', '.join(ADAPTERS)}, got {method!r}")
@@ -61,7 +62,8 @@ def fit_adapter(source_ms, measured_ms, method: str = "affine") -> Adapter:
         return scale_only
     design = np.stack([x, np.ones_like(x)], axis=1) / y[:, None]
     (factor, offset), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
-    if not (np.isfinite(factor) and np.isfinite(offset) and factor > 0 and factor * x.min() + offset > 0):
+    floor = x.min() if floor_ms is None else min(floor_ms, x.min())
+    if not (np.isfinite(factor) and np.isfinite(offset) and factor > 0 and factor * floor + offset > 0):
         return scale_only
     return Adapter(float(factor), float(offset))
 
@@ -113,7 +115,7 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
                                desc=f"transfer {source_csv.stem} -> {profile.name}")
     seconds = time.perf_counter() - started
     predicted = np.array([source.predict(a) for a in archs])
-    adapter = fit_adapter(predicted[:fit_subnets], measured[:fit_subnets], method)
+    adapter = fit_adapter(predicted[:fit_subnets], measured[:fit_subnets], method, source.cheapest()[0])
     held = slice(fit_subnets, None)
     after = adapter.apply(predicted[held])
     calibration = adapter.compose(source.calibration)
@@ -163,7 +165,7 @@ def transfer_on_reference(source_rows: pd.DataFrame, target_rows: pd.DataFrame, 
     measured = target_rows["measured_ms"].to_numpy(np.float64)
     order = np.random.default_rng(seed).permutation(len(target_rows))
     fit, held = order[:k], order[k:]
-    adapter = fit_adapter(source_ms[fit], measured[fit], method)
+    adapter = fit_adapter(source_ms[fit], measured[fit], method, source_ms.min())
     return {"before": error_summary(measured[held], source_ms[held]),
             "after": error_summary(measured[held], adapter.apply(source_ms[held])),
             "factor": adapter.factor, "offset_ms": adapter.offset}
