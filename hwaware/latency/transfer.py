@@ -152,14 +152,14 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
 
 
 def transfer_on_reference(source_rows: pd.DataFrame, target_rows: pd.DataFrame, k: int, seed: int = 0,
-                          method: str = "affine") -> dict:
-    """Fit the kernel model on one GPU's rows (its 'table'), predict another GPU's models as the source GPU
-    would run them, adapt with `k` random target rows, and score the rest: errors before and after."""
-    from hwaware.latency.estimate import KernelParams, Shapes, error_summary, fit_kernel_params, gpu_peaks, model_ms
+                          method: str = "affine", params=None) -> dict:
+    """Fit the kernel model on one GPU's rows (its 'table'; or pass its fitted `params`), predict another GPU's
+    models as the source GPU would run them, adapt with `k` random target rows, and score the rest."""
+    from hwaware.latency.estimate import Shapes, error_summary, fit_kernel_params, gpu_peaks, model_ms
 
     if not 2 <= k < len(target_rows):
         raise HwawareError(f"transfer: k must be at least 2 and below the {len(target_rows)} target rows, got {k}")
-    params: KernelParams = fit_kernel_params(source_rows.reset_index(drop=True))
+    params = params or fit_kernel_params(source_rows.reset_index(drop=True))
     source_gpu = source_rows.iloc[[0] * len(target_rows)].reset_index(drop=True)  # the source's peaks per row
     source_ms = model_ms(Shapes.from_reference(target_rows), gpu_peaks(source_gpu), params)
     measured = target_rows["measured_ms"].to_numpy(np.float64)
@@ -169,4 +169,3 @@ def transfer_on_reference(source_rows: pd.DataFrame, target_rows: pd.DataFrame, 
     return {"before": error_summary(measured[held], source_ms[held]),
             "after": error_summary(measured[held], adapter.apply(source_ms[held])),
             "factor": adapter.factor, "offset_ms": adapter.offset}
-
