@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import os
 import pickle
 import random
 from collections.abc import Iterator
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hwaware.errors import HwawareError
+from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
 
-__all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed"]
+__all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed", "has_split", "dataset_targets",
+           "stratified_sample", "image_ids"]
 
 SPLITS = ("train", "val", "test")
 # digits: a fixed stratified 70 / 15 / 15 split; the seed is part of the dataset, not of a run.
@@ -46,6 +49,9 @@ ANIMALS_FILES = {  # file in the wheel's animal_mnist/data/Animal_MNIST/ -> its 
 }
 ANIMALS_FRACTIONS = (0.60, 0.20, 0.20)
 ANIMALS_SHIFT = 2  # training jitter: random translation by up to this many pixels (zero padded), plus a mirror
+# one file of a dataset read whole (animals' arrays, a CIFAR batch: 2.6 and 31 MB): a device, a FIFO or a file
+# over this is refused before it is read, wherever the dataset was pointed
+DATASET_FILE_MAX_BYTES = 256 << 20
 
 
 def mix_seed(*parts: int) -> int:
@@ -105,10 +111,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 def read_array_pickle(path: Path, sha256: str) -> np.ndarray:
     """A gzip'd pickle of one numeric numpy array, after checking the file's SHA-256; HwawareError otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise HwawareError(f"data: cannot read {path} ({exc.strerror or exc})") from None
+    raw = read_bytes_file(path, "data", DATASET_FILE_MAX_BYTES)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise HwawareError(f"data: {path} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...; reinstall it")
@@ -207,16 +210,30 @@ class SyntheticDataset(Dataset):
         return torch.randn(self.shape, generator=gen), int(torch.randint(self.num_classes, (1,), generator=gen))
 
 
-def _image_transform(space: SearchSpace, augment: bool, auto_augment: str | None, reprob: float):
-    """DeiT / AutoFormer ImageNet transforms from timm: RandAugment + random erasing when training."""
+def _image_transform(space: SearchSpace, augment: bool, auto_augment: str | None, reprob: float, decoded: bool = False):
+    """DeiT / AutoFormer ImageNet transforms from timm: RandAugment + random erasing when training.
+
+    `decoded` (evaluation only): the same resize and crop, but the image stays uint8 (C x H x W at
+    the model's resolution, 4x smaller than float32) and the transform carries the `normalize`
+    (mean, std) that turns it into exactly what the float transform gives, so a scorer can keep
+    decoded images and normalise on its device.
+    """
     from timm.data import create_transform
+    from torchvision import transforms
 
     if augment:
         return create_transform(
             space.img_size, is_training=True, auto_augment=auto_augment, re_prob=reprob, re_mode="pixel",
             interpolation="bicubic",
         )
-    return create_transform(space.img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    full = create_transform(space.img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    if not decoded:
+        return full
+    steps = list(full.transforms)
+    norm = next(i for i, step in enumerate(steps) if isinstance(step, transforms.Normalize))
+    uint8 = transforms.Compose([*steps[: norm - 1], transforms.PILToTensor()])  # steps[norm - 1] is the to-float
+    uint8.normalize = (tuple(float(m) for m in steps[norm].mean), tuple(float(v) for v in steps[norm].std))
+    return uint8
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -226,30 +243,65 @@ def _require_dir(path: Path, what: str) -> None:
         raise HwawareError(f"data: {what} {path} is empty")
 
 
-def _imagefolder(root: Path, space: SearchSpace, split: str, augment: bool, auto_augment, reprob) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
+def _imagefolder(root: Path, space: SearchSpace, split: str, augment: bool, auto_augment, reprob,
+                 decoded: bool = False) -> Dataset:
     folder = root / split
     if not folder.is_dir():
         raise HwawareError(f"data: {folder} is missing; imagefolder:PATH expects PATH/train and PATH/val (and PATH/test for --split test)")
+    _check_same_classes(root, split)
+    transform = _image_transform(space, augment, auto_augment, reprob, decoded)
     try:
-        dataset = ImageFolder(str(folder), transform=_image_transform(space, augment, auto_augment, reprob))
+        dataset = _image_files(folder, transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise HwawareError(f"data: {folder}: {exc}") from None
+    dataset.normalize = getattr(transform, "normalize", None)
     return dataset
 
 
-def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bool, auto_augment, reprob) -> Dataset:
+def _image_files(folder: Path, transform) -> Dataset:
+    """An image folder behind the one image door (hwaware.images): every file checked before and after decoding,
+    the scan refusing symlink loops. A bad file stops the run; with HWAWARE_BAD_IMAGES=skip the scan leaves out,
+    and counts, the files whose header already shows them bad."""
+    from hwaware.images import BAD_IMAGE_POLICIES, ImageFiles, ImageReader
+
+    policy = os.environ.get("HWAWARE_BAD_IMAGES", "error")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise HwawareError(f"HWAWARE_BAD_IMAGES: must be {' or '.join(BAD_IMAGE_POLICIES)}, got {policy[:40]!r}")
+    return ImageFiles(folder, transform, ImageReader(bad_images=policy))
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _check_same_classes(root: Path, split: str) -> None:
+    """A val or test folder must name the classes train does: label i has to mean the same class in both."""
+    train = root / "train"
+    if split == "train" or not train.is_dir():
+        return
+    mine, trained = _class_folders(root / split), _class_folders(train)
+    if mine and trained and mine != trained:
+        only = sorted(set(mine) ^ set(trained))
+        example = f" ({only[0]!r} is in one only)" if only else " (same names, another count)"
+        raise HwawareError(f"data: {root / split} has {len(mine)} class folders and {train} {len(trained)}, "
+                           f"not the same classes{example}")
+
+
+def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bool, auto_augment, reprob,
+           decoded: bool = False) -> Dataset:
     """Local CIFAR only (never downloads); val is a stratified hold-out of CIFAR's train set, test is CIFAR's test."""
     from torch.utils.data import Subset
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if classes == 10 else CIFAR100
+    _check_dataset_files(root / cls.base_folder, [name for name, _ in cls.train_list + cls.test_list]
+                         + [cls.meta["filename"]])
+    transform = _image_transform(space, augment, auto_augment, reprob, decoded)
     try:
-        dataset = cls(str(root), train=split != "test", download=False,
-                      transform=_image_transform(space, augment, auto_augment, reprob))
+        dataset = cls(str(root), train=split != "test", download=False, transform=transform)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise HwawareError(f"data: {root}: {exc}") from None
+    dataset.normalize = getattr(transform, "normalize", None)
     if split == "test":
         return dataset
     targets = np.asarray(dataset.targets)
@@ -257,8 +309,17 @@ def _cifar(root: Path, classes: int, space: SearchSpace, split: str, augment: bo
     val = np.concatenate([rng.permutation(np.flatnonzero(targets == c))[: CIFAR_VAL_PER_CLASS[classes]] for c in range(classes)])
     keep = np.sort(val) if split == "val" else np.setdiff1d(np.arange(len(targets)), val)
     subset = Subset(dataset, keep.tolist())
-    subset.classes = dataset.classes
+    subset.classes, subset.normalize = dataset.classes, dataset.normalize
     return subset
+
+
+def _check_dataset_files(folder: Path, names: list[str]) -> None:
+    """Refuse, unread, any of `names` in `folder` that is not a regular file of at most DATASET_FILE_MAX_BYTES
+    (torchvision would hash it whole first: /dev/zero never ends, a FIFO never answers). Missing ones are
+    left to the dataset's own message."""
+    for name in names:
+        if os.path.lexists(folder / name):
+            check_regular_file(folder / name, "data", DATASET_FILE_MAX_BYTES)
 
 
 def _check_fit(spec: str, space: SearchSpace, num_classes: int, chans: int | None, size: int | None) -> None:
@@ -277,12 +338,15 @@ def build_dataset(
     augment: bool = False,
     auto_augment: str | None = "rand-m9-mstd0.5-inc1",
     reprob: float = 0.25,
+    decoded: bool = False,
 ) -> Dataset:
     """The dataset `spec` for `split` (train / val / test), shaped for `space`; HwawareError if it cannot fit.
 
     `augment` turns on the training transforms of image folders and CIFAR (timm RandAugment
     `auto_augment`, random erasing `reprob`) and of animals (mirror and shift, see `AnimalsDataset`);
-    digits has none (see `DigitsDataset`).
+    digits has none (see `DigitsDataset`). `decoded` (no augment): image folders and CIFAR give
+    uint8 images at the model's resolution and the dataset's `normalize` says how to make them
+    float (see `_image_transform`); the in-memory datasets ignore it.
     """
     if split not in SPLITS:
         raise HwawareError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
@@ -302,13 +366,71 @@ def build_dataset(
         _require_dir(root, f"{kind} root")
         if space.in_chans != 3:
             raise HwawareError(f"data: {spec} has RGB images but space {space.name} has in_chans {space.in_chans}")
+        decoded = decoded and not augment
         if kind == "imagefolder":
-            dataset = _imagefolder(root, space, split, augment, auto_augment, reprob)
+            dataset = _imagefolder(root, space, split, augment, auto_augment, reprob, decoded)
         else:
-            dataset = _cifar(root, int(kind.removeprefix("cifar")), space, split, augment, auto_augment, reprob)
+            dataset = _cifar(root, int(kind.removeprefix("cifar")), space, split, augment, auto_augment, reprob,
+                             decoded)
         _check_fit(spec, space, len(dataset.classes), None, None)
         return dataset
     raise HwawareError(f"data: unknown spec {spec!r}; use digits, animals, synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+
+
+def has_split(spec: str, split: str) -> bool:
+    """Whether dataset `spec` has `split` without loading it: an image folder may lack test (ImageNet has
+    train and val only); the other datasets have all three."""
+    kind, _, arg = spec.partition(":")
+    if kind == "imagefolder" and arg:
+        return (Path(arg).expanduser() / split).is_dir()
+    return split in SPLITS
+
+
+# ---- fixed image sets -----------------------------------------------------------------------
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """Every item's label, read without decoding an image where the dataset records them."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_targets(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:  # synthetic: labels come with the pixels
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return np.asarray(targets, dtype=np.int64)
+
+
+def stratified_sample(targets: np.ndarray, count: int, seed: int, among: np.ndarray | None = None) -> np.ndarray:
+    """`count` item indices (sorted) drawn from `among` (default: all) in proportion to each class's share.
+
+    Each class gets floor(count x share) images, the largest remainders one more (ties to the lower
+    class), drawn by a permutation seeded from (seed, class): a pure function of its arguments, so
+    every rank and every resumed run chooses the same images.
+    """
+    among = np.arange(len(targets)) if among is None else np.asarray(among, dtype=np.int64)
+    if not 1 <= count <= len(among):
+        raise HwawareError(f"images: {count} asked, but the set has {len(among)}")
+    classes, sizes = np.unique(targets[among], return_counts=True)
+    exact = count * sizes / len(among)
+    quota = np.floor(exact).astype(np.int64)
+    extra = np.lexsort((np.arange(len(classes)), -(exact - quota)))[: count - int(quota.sum())]
+    quota[extra] += 1
+    chosen = []
+    for label, take in zip(classes, quota):
+        members = among[targets[among] == label]
+        order = np.random.default_rng(mix_seed(seed, int(label))).permutation(len(members))
+        chosen.append(members[order[:take]])
+    return np.sort(np.concatenate(chosen))
+
+
+def image_ids(dataset: Dataset, indices: np.ndarray) -> list[str]:
+    """Stable names of items: an image folder's relative file paths, else the items' indices in their split."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return image_ids(dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)[indices])
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        root = Path(dataset.root)
+        return [Path(samples[i][0]).relative_to(root).as_posix() for i in indices]
+    return [str(int(i)) for i in indices]
 
 
 # ---- loaders --------------------------------------------------------------------------------

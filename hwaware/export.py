@@ -42,11 +42,11 @@ from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_on
 from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
 from hwaware.space import Arch, SearchSpace
+from hwaware.tensorrt_build import DEFAULT_BATCH_SIZES
 
 FORMATS = ("timm", "onnx", "tensorrt", "triton")
 ONNX_FORMATS = frozenset({"onnx", "tensorrt", "triton"})  # formats built from the ONNX file
 PRECISIONS = EXPORT_PRECISIONS
-DEFAULT_BATCH_SIZES = (1, 8, 32)
 WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, PLAN_FILE, CARD_FILE = (
     "model.safetensors", "config.json", "model.onnx", "model.plan", "card.json",
 )
@@ -108,15 +108,17 @@ def _check_precision(precision: str) -> Precision:
 # ---- timm -----------------------------------------------------------------------------------
 
 
-def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Path) -> None:
-    """`model.safetensors` (the state dict) and `config.json` (what `build_vit` needs) in `folder`."""
+def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Path,
+              dtype: torch.dtype | None = None) -> None:
+    """`model.safetensors` (the state dict, cast to `dtype` if given) and `config.json` (what `build_vit` needs)
+    in `folder`."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from hwaware.vit import vit_config
 
     folder = Path(folder)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     try:
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     except SafetensorError as exc:  # safetensors reports I/O failures (a full disk) as its own error
@@ -196,8 +198,17 @@ def check_model_matches(model: nn.Module, arch: Arch, space: SearchSpace) -> Non
 # ---- ONNX -----------------------------------------------------------------------------------
 
 
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _dtype(precision: str) -> torch.dtype:
-    return torch.float16 if precision == "fp16" else torch.float32
+    """The torch dtype a precision's graph is written in (the registry's `graph_dtype`: fp32 for quantized ones)."""
+    return _TORCH_DTYPES[get_precision(precision).graph_dtype]
+
+
+def _serves_onnx(spec: Precision) -> bool:
+    """Whether a backend that takes ONNX files runs this precision (bf16 runs with torch only)."""
+    return any(backend in ("onnxruntime", "tensorrt") for backend, _ in spec.runs_on)
 
 
 def export_onnx(
@@ -216,8 +227,12 @@ def export_onnx(
     """
     import onnx
 
-    if _check_precision(precision).quantized:
+    spec = _check_precision(precision)
+    if spec.quantized:
         raise HwawareError(f"onnx: {precision} is written as an fp32 graph and quantized (hwaware.quantize)")
+    if not _serves_onnx(spec):
+        raise HwawareError(f"onnx: {precision} runs only with {spec.where()}, which serves the timm weights; "
+                           "no ONNX backend hwaware supports runs it")
     if opset < 17:
         raise HwawareError(f"opset: {opset} is too old; LayerNormalization needs opset 17 or later")
     dtype = _dtype(precision)
@@ -478,6 +493,9 @@ def preflight(
     spec = _check_precision(precision)
     wanted = parse_formats(formats)
     check_out_dir(out_dir, force)
+    if not _serves_onnx(spec) and ONNX_FORMATS & set(wanted):
+        raise HwawareError(f"precision: {precision} runs only with {spec.where()}; it exports as timm weights in "
+                           f"{precision} (format timm), not as {', '.join(f for f in wanted if f in ONNX_FORMATS)}")
     if spec.quantized and not ONNX_FORMATS & set(wanted):
         raise HwawareError(f"precision: {precision} ships as a quantized ONNX model (the timm weights stay float); "
                            "add the onnx format")
@@ -519,6 +537,8 @@ def export_model(
     calibration_inputs: torch.Tensor | None = None,
     accuracy_batches: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     max_accuracy_drop: float | None = None,
+    table_batch: int | None = None,
+    measure_settings: Any = None,
 ) -> ExportResult:
     """Export `model` (the timm ViT of `arch`, e.g. `SuperViT.extract(arch)`) into `out_dir`.
 
@@ -539,6 +559,11 @@ def export_model(
     "test": ...}) give the card float and quantized top-1 and their agreement per split;
     `max_accuracy_drop` (points) refuses, in one line and with nothing written, a quantized
     model that loses more on any of them.
+
+    TensorRT: the plan's optimisation profile follows `hwaware.tensorrt_build.profile_shapes`, its opt
+    batch the latency table's batch (`table_batch`) so the table priced engines tuned like this one;
+    the card carries the `trtexec` command that builds and times the same engine (timed with
+    `measure_settings`, a `MeasureSettings`, default the profiling defaults).
     """
     wanted, result_warnings = preflight(out_dir, formats, force, precision)
     for warning in result_warnings:
@@ -559,8 +584,9 @@ def export_model(
     with staged_folder(out_dir, force) as staging, _progress_bar(len(stages)) as bar:
         for stage in stages:
             bar.set_postfix_str(stage)
-            if stage == "timm":
-                save_timm(model, arch, space, staging)
+            if stage == "timm":  # float weights; bf16, which only torch serves, ships its weights in bf16
+                save_timm(model, arch, space, staging, None if _serves_onnx(get_precision(precision)) else
+                          _dtype(precision))
             elif stage == "onnx":
                 card["onnx"] = _write_onnx(staging, model, space, precision, batch_sizes, sample_inputs, opset,
                                            onnx_dynamo)
@@ -570,7 +596,8 @@ def export_model(
                                                          max_accuracy_drop)
             elif stage == "tensorrt":
                 card["tensorrt"] = _export_tensorrt(staging, model, space, precision, batch_sizes, sample_inputs,
-                                                    Path(timing_cache) if timing_cache else staging / TIMING_CACHE_FILE)
+                                                    Path(timing_cache) if timing_cache else None, table_batch,
+                                                    measure_settings)
             else:
                 card["triton"] = _write_triton(staging, card["name"], precision, batch_sizes, "tensorrt" in wanted)
             bar.update()
@@ -697,17 +724,31 @@ def served_onnx(folder: Path, precision: str) -> Path:
 
 def _export_tensorrt(
     staging: Path, model: nn.Module, space: SearchSpace, precision: str, batch_sizes: tuple[int, ...],
-    sample_inputs: torch.Tensor | None, timing_cache: Path,
+    sample_inputs: torch.Tensor | None, timing_cache: Path | None, table_batch: int | None, measure_settings: Any,
 ) -> dict[str, Any]:
-    """Build `model.plan` from the staged (for int8/fp8, quantized) ONNX file and check the engine's outputs
-    against PyTorch on the GPU."""
-    from hwaware.tensorrt_build import build_engine, load_engine, metadata_path, run_engine
+    """Build `model.plan` from the staged (for int8/fp8, quantized) ONNX file, check the engine's outputs against
+    PyTorch on the GPU with the one TensorRT runner, and record the `trtexec` command that rebuilds and times it."""
+    from hwaware.latency.backends import TensorRTRunner
+    from hwaware.latency.devices import MeasureSettings
+    from hwaware.tensorrt_build import build_engine, load_engine, metadata_path, trtexec_command
 
     plan = staging / PLAN_FILE
-    metadata = build_engine(served_onnx(staging, precision), plan, precision, batch_sizes, timing_cache)
+    served = served_onnx(staging, precision)
+    metadata = build_engine(served, plan, precision, batch_sizes, timing_cache or staging / TIMING_CACHE_FILE,
+                            opt_batch=table_batch)
+    settings = measure_settings or MeasureSettings()
+    metadata["trtexec"] = trtexec_command(metadata, served.name, PLAN_FILE,
+                                          str(timing_cache) if timing_cache else TIMING_CACHE_FILE, settings,
+                                          cuda_graph=settings.cuda_graph)
+    metadata["profile_rule"] = ("min batch 1, opt the latency table's batch (else the median batch size), "
+                                "max the largest batch size")
+    atomic_write_text(metadata_path(plan), json.dumps(metadata, indent=2) + "\n")
     engine = load_engine(plan)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        return TensorRTRunner(engine, images.to("cuda")).outputs()
 
     # TensorRT may use TF32 for fp32 layers, so its fp32 engine is held to the fp16 tolerance
     tolerance = precision if get_precision(precision).quantized else "fp16"
-    checks = _verify("tensorrt", lambda x: run_engine(engine, x), model, space, batch_sizes, sample_inputs, tolerance)
+    checks = _verify("tensorrt", run, model, space, batch_sizes, sample_inputs, tolerance)
     return {"file": PLAN_FILE, "metadata": metadata_path(plan).name, **metadata, **checks}

@@ -78,6 +78,24 @@ def excerpt(value: Any, limit: int = 60) -> str:
 def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The text of a regular file of at most `max_bytes`; a FIFO, device, folder or huge file is refused
     before reading (so `/dev/zero` or a pipe nobody writes to cannot hang or exhaust memory)."""
+    try:
+        return read_bytes_file(path, what, max_bytes).decode()
+    except UnicodeDecodeError as exc:
+        raise HwawareError(f"{what}: {path}: cannot read ({exc})") from None
+
+
+def read_bytes_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, refused unread otherwise (see `read_text_file`)."""
+    path = check_regular_file(path, what, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        raise HwawareError(f"{what}: {path}: cannot read ({exc})") from None
+
+
+def check_regular_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> Path:
+    """`path` if it is a regular file of at most `max_bytes` (for files another library will read), else one line."""
     path = Path(path)
     try:
         info = path.stat()
@@ -89,12 +107,7 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TE
         raise HwawareError(f"{what}: {path} is not a regular file")
     if info.st_size > max_bytes:
         raise HwawareError(f"{what}: {path} is {info.st_size / 2**20:.1f} MiB, over the {max_bytes >> 20} MiB limit")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-        return data.decode()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HwawareError(f"{what}: {path}: cannot read ({exc})") from None
+    return path
 
 
 def read_json(path: str | Path, if_missing: str) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, folder_lock
+from hwaware.io import atomic_write_text, dumps_strict, folder_lock
 from hwaware.space import Arch, resolve_arch
 
 
@@ -48,29 +48,26 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
     return loaded
 
 
-def _split_batches(model, data: str, split: str, batch_size: int) -> list:
-    """A split's batches, materialised once: a search scores hundreds of Archs on the same images."""
-    from hwaware.data import build_loader
-
-    return list(build_loader(data, model.space, split, batch_size))
-
-
 def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[str, Any], *,
                       device: str | None = None, table: str | Path | None = None,
-                      tables_root: str | Path = "latency_tables", batch_size: int = 512, data: str | None = None,
-                      precision: str | None = None, progress: bool = True, **search_options: Any):
+                      tables_root: str | Path = "latency_tables", data: str | None = None,
+                      precision: str | None = None, progress: bool = True, scoring: Mapping[str, Any] | None = None,
+                      **search_options: Any):
     """Evolutionary search on a trained supernet under `budgets` ({"latency_ms": "1,2", "params_m": None, ...}).
 
-    Scores are val top-1 (never test); costs are the table's predicted latency plus exact FLOPs
-    and params. Resumes from `out/search_state.json`; writes best_*.yaml, candidates.csv,
-    pareto.csv/png into `out`. Under torchrun each rank scores its shard of val and the counts
-    are all-reduced; only rank 0 writes.
+    Scores are top-1 on a fixed, seeded, class-stratified set of val images (`scoring`: `build_scorer`'s
+    images, seed, compute device, precision, batch size, workers, threads, cache), never test; costs
+    are the table's predicted latency plus exact FLOPs and params. The scoring set is part of the
+    resume fingerprint. Each best subnet is then scored once on images the search never selected on
+    (`held_out_scorer`) and `scoring.json` names both sets. Resumes from `out/search_state.json`;
+    writes best_*.yaml, candidates.csv, pareto.csv/png and scoring.json into `out`. Under torchrun
+    each rank scores its shard on its own device and the counts are all-reduced; only rank 0 writes.
     """
     import torch.distributed as dist
 
     from hwaware.checkpoint import check_finite
     from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import dataset_of, evaluate, load_supernet
+    from hwaware.evaluation import build_scorer, dataset_of, load_supernet
     from hwaware.search import (
         STATE_FILE,
         EvolutionSearch,
@@ -80,33 +77,53 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
         write_results,
     )
 
+    scoring = dict(scoring or {})
     targets = parse_budgets(budgets)  # bad budgets are refused before anything is loaded
-    model, meta = load_supernet(checkpoint)
-    check_finite(model.state_dict(), str(checkpoint))
-    space = model.space
-    needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
-    latency = (load_table_for(space, device, table, tables_root, precision) if (needs_latency or device or table)
-               else None)
-    rank, _, _, owned = setup_distributed("cpu")
+    rank, _, _, owned = setup_distributed(str(scoring.get("device", "auto")))  # so is a missing GPU
     try:
-        val = _split_batches(model, dataset_of(meta, data), "val", batch_size)
+        model, meta = load_supernet(checkpoint)
+        check_finite(model.state_dict(), str(checkpoint))
+        space = model.space
+        needs_latency = any(b.metric == "latency_ms" for t in targets for b in t.budgets)
+        latency = (load_table_for(space, device, table, tables_root, precision) if (needs_latency or device or table)
+                   else None)
+        scorer = build_scorer(model, dataset_of(meta, data), split="val", **scoring)
         search = EvolutionSearch(
-            space, lambda arch: evaluate(model, arch, val)["top1"],
-            standard_costs(space, latency.predict if latency else None), targets,
+            space, scorer, standard_costs(space, latency.predict if latency else None), targets,
             progress=progress and rank == 0,
-            fingerprint=file_fingerprint(checkpoint=checkpoint, **({"table": latency.path} if latency else {})),
+            fingerprint={**file_fingerprint(checkpoint=checkpoint, **({"table": latency.path} if latency else {})),
+                         "scoring": scorer.fingerprint},
             **search_options,
         )
         search.check_feasible()  # an infeasible budget is refused before `out` is created
         out = Path(out)
         with folder_lock(out, "search") if rank == 0 else contextlib.nullcontext():
             result = search.run(checkpoint=out / STATE_FILE, save_checkpoint=rank == 0)
+            report = _held_out_report(model, scorer, result, scoring)  # every rank: the counts are reduced
             if rank == 0:
                 write_results(result, out)
+                atomic_write_text(out / SCORING_FILE, dumps_strict(report) + "\n")
         return result
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+SCORING_FILE = "scoring.json"
+
+
+def _held_out_report(model, scorer, result, scoring: Mapping[str, Any]) -> dict[str, Any]:
+    """What the search scored on, and each best subnet's top-1 on images it did not select on."""
+    from hwaware.evaluation import held_out_scorer
+
+    report: dict[str, Any] = {"selection": {**scorer.fingerprint, "describe": scorer.describe()}, "held_out": None}
+    options = {k: v for k, v in scoring.items() if k not in ("images", "seed")}
+    held_out = held_out_scorer(model, scorer, **{**options, "cache_mib": 0})  # one pass per target: no cache
+    if held_out is not None:
+        report["held_out"] = {**held_out.fingerprint, "describe": held_out.describe(),
+                              "top1": {label: held_out(e.arch) for label, e in result.best.items()},
+                              "selection_top1": {label: e.top1 for label, e in result.best.items()}}
+    return report
 
 
 def _export_arch(arch: str | Arch | None, meta: Mapping[str, Any], space, checkpoint) -> Arch:
@@ -129,31 +146,52 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
                       force: bool = False, device: str | None = None, table: str | Path | None = None,
                       tables_root: str | Path = "latency_tables", data: str | None = None,
                       table_optional: bool = False, quantize_mode: str | None = None,
-                      max_accuracy_drop: float | None = None, calibration_images: int = 256):
-    """Export one subnet of a trained supernet with its card: val/test top-1, params, FLOPs, predicted latency.
+                      max_accuracy_drop: float | None = None, calibration_images: int = 256,
+                      scoring: Mapping[str, Any] | None = None):
+    """Export one subnet of a trained supernet with its card: top-1, params, FLOPs, predicted latency.
 
-    With `table_optional` (the device came from the project file, not the user) a missing table
-    means no predicted latency on the card rather than an error. A quantized `precision` (int8, fp8)
-    is quantized in the mode its latency table's pieces were (else `hwaware.precision.default_mode`),
-    calibrated on `calibration_images` training images (static mode); its float and quantized top-1
-    go on the card, and it is refused past `max_accuracy_drop` points.
+    Export needs no data: with `data` (or a dataset the checkpoint records) the card holds top-1 on
+    the scoring set of val a search selects on (`scoring`: `build_scorer`'s options, default 10,000
+    images at most), on held-out images (val's remainder, else test) and on test where there is one,
+    each named; without, it says there is none. With `table_optional` (the device came from the
+    project file, not the user) a missing table means no predicted latency on the card rather than
+    an error. A quantized `precision` (int8, fp8) is quantized in the mode its latency table's pieces
+    were (else `hwaware.precision.default_mode`), calibrated on `calibration_images` class-stratified
+    training images (static mode); its float and quantized top-1 on the same image sets go on the
+    card, and it is refused past `max_accuracy_drop` points.
     """
     from hwaware.checkpoint import check_finite
-    from hwaware.evaluation import dataset_of, evaluate, load_supernet
+    from hwaware.distributed import setup_distributed
+    from hwaware.evaluation import load_supernet
     from hwaware.export import export_model, preflight
     from hwaware.precision import check_mode, get_precision
 
     wanted, _ = preflight(out, formats, force, precision)  # bad formats, a taken folder: refused before loading
+    scoring = dict(scoring or {})
+    setup_distributed(str(scoring.get("device", "auto")))  # a missing GPU too
     quantized = get_precision(precision).quantized
+    if not quantized:  # each set is scored once: nothing to keep decoded
+        scoring["cache_mib"] = 0
     model, meta = load_supernet(checkpoint)
     check_finite(model.state_dict(), str(checkpoint))
     space = model.space
     arch = _export_arch(arch, meta, space, checkpoint)
-    data = dataset_of(meta, data)
+    data = data or meta.get("data")
+    if quantized and data is None and (max_accuracy_drop is not None or quantize_mode == "static"):
+        raise HwawareError("data: the checkpoint records no dataset (an imported supernet?), and a quantized "
+                           "export's calibration or accuracy limit needs images; pass --data")
     card: dict[str, Any] = {"checkpoint": str(checkpoint), "data": data}
-    splits = {split: _split_batches(model, data, split, 512) for split in ("val", "test")}
-    for split, batches in splits.items():
-        card[f"{split}_top1"] = evaluate(model, arch, batches)["top1"]
+    scorers = _card_scorers(model, data, scoring) if data is not None else {}
+    accuracy = {}
+    for name, scorer in scorers.items():
+        accuracy[name] = {"top1": scorer(arch), "images": scorer.describe(), "n": len(scorer.indices)}
+    card["accuracy"] = accuracy or None
+    if not accuracy:
+        card["accuracy_note"] = "no data given and none recorded by the checkpoint: no accuracy on this card"
+    for name, scorer in scorers.items():
+        card[f"{name}_top1"] = accuracy[name]["top1"]
+        if name == "held_out" and scorer.image_set.split == "test":
+            card["test_top1"] = accuracy[name]["top1"]
     latency = None
     if device is not None or table is not None:
         try:
@@ -173,14 +211,52 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
             _log(f"hwaware export: warning: {latency.path} priced {precision} {_table_mode(latency, False)} pieces; "
                  f"this export is {precision} {quantize_mode}, so its predicted latency is for another graph")
         if quantize_mode == "static":
+            if data is None:
+                raise HwawareError("data: static quantization calibrates on training images, and the checkpoint "
+                                   "records no dataset; pass --data")
             from hwaware.quantize import calibration_images as training_images
 
             calibration = training_images(data, space, calibration_images)
+    sample = next(iter(next(iter(scorers.values())).batches()))[0][:32] if scorers else None
+    accuracy_batches = {name: _Rescored(scorer) for name, scorer in scorers.items()} if quantized else None
     with export_lock(out):
         return export_model(model.extract(arch).eval(), arch, space, out, formats, precision, batch_sizes, force,
-                            card_extra=card, sample_inputs=splits["test"][0][0][:32], quantize_mode=quantize_mode,
-                            calibration_inputs=calibration, accuracy_batches=splits if quantized else None,
-                            max_accuracy_drop=max_accuracy_drop)
+                            card_extra=card, sample_inputs=sample, quantize_mode=quantize_mode,
+                            calibration_inputs=calibration, accuracy_batches=accuracy_batches or None,
+                            max_accuracy_drop=max_accuracy_drop, table_batch=latency.batch_size if latency else None,
+                            measure_settings=_table_settings(latency))
+
+
+def _table_settings(table):
+    """The measurement settings a table was timed with (None without a table)."""
+    from hwaware.latency import MeasureSettings
+
+    return MeasureSettings.from_dict(table.meta.get("settings"), f"{table.path}: settings") if table else None
+
+
+def _card_scorers(model, data: str, scoring: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's image sets: val's scoring set, held-out images, and test where it exists and is not the held-out."""
+    from hwaware.data import has_split
+    from hwaware.evaluation import build_scorer, held_out_scorer
+
+    scorers = {"val": build_scorer(model, data, split="val", **scoring)}
+    held_out = held_out_scorer(model, scorers["val"], **{k: v for k, v in scoring.items() if k not in ("images", "seed")})
+    if held_out is not None:
+        scorers["held_out"] = held_out
+    if has_split(data, "test") and (held_out is None or held_out.image_set.split != "test"):
+        scorers["test"] = build_scorer(model, data, split="test", **scoring)
+    return scorers
+
+
+class _Rescored:
+    """A scorer's images as (images, labels) batches, streamed afresh on every pass (the ONNX accuracy check
+    runs the float and the quantized model over them)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __iter__(self):
+        return self.scorer.batches()
 
 
 def _table_mode(table, for_tensorrt: bool) -> str | None:
@@ -210,6 +286,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
 
     Without a table for this device the model is still timed, with the device profile's settings.
     The result goes into card.json under `bench` (and `measured_latency_ms`) when `record`.
+    TensorRT times the exported model.plan itself (its metadata checked against this GPU and TensorRT,
+    never rebuilt) and notes where the served batch or optimisation profile differs from the table's.
     """
     import torch
 
@@ -232,10 +310,13 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     precision = latency.precision if latency else (precision or profile.precision)
     batch_size = batch_size or (latency.batch_size if latency else profile.batch_sizes[0])
     runner_backend = resolve_backend(profile, backend, precision, settings.threads,
-                                     latency.quantize_mode if latency else None)
+                                     latency.quantize_mode if latency else None, settings.cuda_graph)
     x = torch.randn(batch_size, space.in_chans, space.img_size, space.img_size)
+    notes: list[str] = []
     if backend == "torch":
         runner = runner_backend.prepare(load_model(export_dir), x)
+    elif backend == "tensorrt":
+        runner, notes = _plan_runner(runner_backend, export_dir, x, latency)
     else:
         _check_quantize_mode(card, precision, latency)
         onnx_path = served_onnx(export_dir, precision)
@@ -248,7 +329,8 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
     result: dict[str, Any] = {
         "device": device, "backend": backend, "precision": precision, "batch_size": batch_size,
         "measured_ms": measured, "statistic": settings.statistic, "stats": stats.to_dict(),
-        "threads": settings.threads, "arch": arch.to_dict(),
+        "threads": settings.threads, "cuda_graph": settings.cuda_graph, "arch": arch.to_dict(),
+        **({"notes": notes} if notes else {}),
     }
     if latency is not None and latency.batch_size == batch_size and latency.backend == backend:
         predicted = latency.predict(arch)
@@ -261,6 +343,22 @@ def bench_export(export_dir: str | Path, device: str = "cpu", backend: str | Non
                 fields["measured_latency_ms"] = measured
             update_card(export_dir, **fields)
     return result
+
+
+def _plan_runner(backend, export_dir: Path, example, table) -> tuple[Any, list[str]]:
+    """A runner for the export's model.plan, and why its timing may differ from the table's prediction."""
+    from hwaware.export import PLAN_FILE
+    from hwaware.tensorrt_build import profile_differences, read_metadata
+
+    plan = export_dir / PLAN_FILE
+    if not plan.is_file():
+        raise HwawareError(f"bench: {export_dir} has no {PLAN_FILE}; export with --format tensorrt to bench tensorrt")
+    runner = backend.prepare_plan(plan, example)
+    table_profile = (table.meta.get("backend_settings") or {}).get("optimization_profile") if table else None
+    notes = profile_differences(read_metadata(plan), table_profile, int(example.shape[0]))
+    for note in notes:
+        _log(f"hwaware bench: note: {note}")
+    return runner, notes
 
 
 def _check_quantize_mode(card: dict[str, Any], precision: str, table) -> None:

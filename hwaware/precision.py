@@ -53,8 +53,9 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 # How an int8 graph is quantized (hwaware.quantize): Q/DQ nodes calibrated on images, or ONNX Runtime's
 # dynamic MatMulInteger; a table and an export made for each other use the same mode.
 QUANT_MODES = ("static", "dynamic")
-# What `hwaware export --precision` writes: float ONNX graphs, and quantized ones beside the float one.
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# What `hwaware export --precision` writes: float ONNX graphs, quantized ones beside the float one, and bf16
+# (which only torch serves) as timm weights in bf16.
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
 def get_precision(name: str) -> Precision:

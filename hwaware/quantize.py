@@ -18,7 +18,8 @@ Modes:
   does not fuse MatMulInteger and the model ran slower than fp32. CPU only (TensorRT needs Q/DQ).
 FP8 is static E4M3 Q/DQ (ONNX opset 19), for TensorRT on compute capability 8.9+.
 
-Calibration: for export, real training images of the checkpoint's dataset (`calibration_images`);
+Calibration: for export, a class-stratified draw of real training images of the checkpoint's dataset
+(`calibration_images`);
 for a latency piece, its own example input - the Q/DQ placement decides the speed, the scale
 values do not, and a block's input is tokens, not images.
 """
@@ -41,6 +42,7 @@ from hwaware.precision import check_mode
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_CALIBRATION_COUNT = 256
+MAX_CALIBRATION_IMAGES = 2048  # held as float32 while calibrating: 1.2 GB at 224 px
 _CALIBRATION_BATCH = 16
 
 
@@ -91,7 +93,7 @@ def quantize_onnx(float_path: str | Path, out_path: str | Path, precision: str =
     """Quantize the fp32 ONNX file `float_path` into `out_path` (atomically); returns how, for a card or sidecar.
 
     `calibration`: inputs of the graph's input shape (images for a model, tokens for a block),
-    needed by static mode; the first `DEFAULT_CALIBRATION_COUNT` are used.
+    needed by static mode; all of them are used.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -116,7 +118,7 @@ def quantize_onnx(float_path: str | Path, out_path: str | Path, precision: str =
                              op_types_to_quantize=list(QUANTIZED_OPS))
             how.update(weights="int8 per tensor", activations="uint8, quantized at run time")
             return how
-        array = _calibration_array(calibration, dims, float_path)[:DEFAULT_CALIBRATION_COUNT]
+        array = _calibration_array(calibration, dims, float_path)
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -149,19 +151,25 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def calibration_images(data: str, space, count: int = DEFAULT_CALIBRATION_COUNT) -> torch.Tensor:
-    """The first `count` training images of dataset `data` (unshuffled, unaugmented): what export calibrates on."""
-    from hwaware.data import build_loader
+def calibration_images(data: str, space, count: int = DEFAULT_CALIBRATION_COUNT, seed: int = 0,
+                       workers: int | None = None) -> torch.Tensor:
+    """`count` training images of dataset `data`, a seeded class-stratified draw (unaugmented): what export
+    calibrates on. The first images of an image folder are one or two classes; every class's activations
+    should set the scales. More than the split has, or than `MAX_CALIBRATION_IMAGES`, is refused."""
+    from torch.utils.data import DataLoader, Subset
 
-    if count < 1:
-        raise HwawareError(f"calibration: need at least 1 image, got {count}")
-    images, total = [], 0
-    for batch, _ in build_loader(data, space, "train", min(count, 256), drop_last=False):
-        images.append(batch)
-        total += len(batch)
-        if total >= count:
-            break
-    return torch.cat(images)[:count]
+    from hwaware.data import build_dataset, dataset_targets, stratified_sample
+    from hwaware.evaluation import default_workers
+
+    if not 1 <= count <= MAX_CALIBRATION_IMAGES:
+        raise HwawareError(f"calibration: {count} images asked; calibrate on 1 to {MAX_CALIBRATION_IMAGES}")
+    dataset = build_dataset(data, space, "train")
+    if count > len(dataset):
+        raise HwawareError(f"calibration: {count} images asked, but {data} has {len(dataset)} training images")
+    chosen = stratified_sample(dataset_targets(dataset), count, seed)
+    workers = default_workers(dataset) if workers is None else workers
+    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=64, num_workers=workers)
+    return torch.cat([images for images, _ in loader])
 
 
 def onnx_session(path: str | Path, threads: int | None = 1):
@@ -183,8 +191,10 @@ def _predictions(session, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) 
 
 def compare_accuracy(float_path: str | Path, quantized_path: str | Path,
                      splits: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, dict[str, Any]]:
-    """Per split: top-1 of the float and the quantized ONNX model, the drop in points, and how often they agree."""
-    float_session, quantized_session = onnx_session(float_path), onnx_session(quantized_path)
+    """Per split: top-1 of the float and the quantized ONNX model, the drop in points, and how often they agree.
+
+    ONNX Runtime uses all its threads here: this is a check on thousands of images, not a latency."""
+    float_session, quantized_session = onnx_session(float_path, None), onnx_session(quantized_path, None)
     report = {}
     for split, batches in splits.items():
         float_pred, labels = _predictions(float_session, batches)

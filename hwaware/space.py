@@ -7,8 +7,10 @@ can be priced, bred and written to disk anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -130,27 +132,7 @@ class SearchSpace:
     qkv_layout: str = "timm"
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}", self.name):
-            raise HwawareError(f"space: name {excerpt(self.name)} is not a plain name (letters, digits, . _ + -); "
-                               "it names table and export files")
-        for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
-            values = tuple(sorted(set(getattr(self, name))))
-            if not values:
-                raise HwawareError(f"space {self.name}: {name} needs at least one choice")
-            cast = float if name == "mlp_ratios" else int
-            object.__setattr__(self, name, tuple(cast(v) for v in values))
-        for field_name, choices in (
-            ("max_embed_dim", self.embed_dims),
-            ("max_depth", self.depths),
-            ("max_heads", self.num_heads),
-            ("max_mlp_ratio", self.mlp_ratios),
-        ):
-            object.__setattr__(self, field_name, max(getattr(self, field_name) or 0, max(choices)))
-        if self.img_size % self.patch_size:
-            raise HwawareError(f"space {self.name}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if min(self.embed_dims) < 1 or min(self.depths) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratios) <= 0:
-            raise HwawareError(f"space {self.name}: every choice must be positive")
-        self._check_compute_fields()
+        check_definition(self)
 
     def _check_compute_fields(self) -> None:
         if not isinstance(self.relative_position, bool):
@@ -295,20 +277,124 @@ class SearchSpace:
         if "SEARCH_SPACE" in data:
             return _from_autoformer(data, source)
         known = {f.name for f in cls.__dataclass_fields__.values()}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise HwawareError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
+        for name in CHOICE_LISTS:
             if name not in data:
                 raise HwawareError(f"{source}: missing field {name!r}")
-            _require_list(data, name, source)
-        try:
-            return cls(**{"name": Path(source).stem, **data})
-        except (TypeError, ValueError) as exc:
-            raise HwawareError(f"{source}: {exc}") from None
+        return _build(source, **{"name": Path(source).stem, **data})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- the one check of a space definition ----------------------------------------------------------
+#
+# Every way a SearchSpace is made (a YAML file, a built-in, a checkpoint's recorded space, a latency table's
+# space_def, an import, dataclasses.replace) ends in SearchSpace.__post_init__, which calls check_definition:
+# types and ranges first, then the memory the largest subnet needs, all before any tensor exists.
+
+CHOICE_LISTS = {"embed_dims": int, "depths": int, "num_heads": int, "mlp_ratios": float}
+POSITIVE_INTS = ("head_dim", "img_size", "patch_size", "in_chans", "num_classes")
+# each supernet maximum and the choices it bounds; 0 (the default) takes the largest choice
+MAXIMA = {"max_embed_dim": "embed_dims", "max_depth": "depths", "max_heads": "num_heads", "max_mlp_ratio": "mlp_ratios"}
+MAX_CHOICES = 1024  # per list: far above any space anyone searches, far below a list that stalls sampling
+MAX_DEPTH = 1024  # layers: ViTs run to ~50; a deeper "space" is a typo, and its subnet count a number too long to print
+MAX_SIZE = 2**31 - 1  # any one number (a width, a size, a ratio): what a tensor dimension can hold in int32
+FLOAT32_BYTES = 4
+
+
+def check_definition(space: SearchSpace) -> None:
+    """Refuse (HwawareError naming the field and the limit) a space that could not be built or would not fit
+    this machine's memory, and normalise the rest: choices sorted and unique, maxima at least the choices."""
+    if not isinstance(space.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}", space.name):
+        raise HwawareError(f"space: name {excerpt(space.name)} is not a plain name (letters, digits, . _ + -); "
+                           "it names table and export files")
+    where = f"space {space.name}"
+    for name, kind in CHOICE_LISTS.items():
+        values = getattr(space, name)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise HwawareError(f"{where}: {name} must be a list of numbers, got {excerpt(values)}")
+        values = tuple(values)
+        if not values:
+            raise HwawareError(f"{where}: {name} needs at least one choice")
+        if len(values) > MAX_CHOICES:
+            raise HwawareError(f"{where}: {name} has {len(values)} choices, over the limit of {MAX_CHOICES}")
+        cast = tuple(_positive(v, f"{name}[{i}]", kind, where) for i, v in enumerate(values))
+        object.__setattr__(space, name, tuple(sorted(set(cast))))
+    for name in POSITIVE_INTS:
+        object.__setattr__(space, name, _positive(getattr(space, name), name, int, where))
+    for name, choices in MAXIMA.items():
+        kind, value = CHOICE_LISTS[choices], getattr(space, name)
+        declared = 0 if value in (0, None) else _positive(value, name, kind, where)
+        object.__setattr__(space, name, kind(max(declared, max(getattr(space, choices)))))
+    if space.max_depth > MAX_DEPTH:
+        raise HwawareError(f"{where}: depth {space.max_depth} is over the limit of {MAX_DEPTH} layers")
+    if space.img_size % space.patch_size:
+        raise HwawareError(f"{where}: img_size {space.img_size} is not a multiple of patch_size {space.patch_size}")
+    if int(min(space.embed_dims) * min(space.mlp_ratios)) < 1:
+        raise HwawareError(f"{where}: embed_dim {min(space.embed_dims)} with mlp_ratio {min(space.mlp_ratios):g} "
+                           "gives an MLP with no hidden units")
+    space._check_compute_fields()
+    need, limit = largest_model_bytes(space), memory_limit_bytes()
+    if limit is not None and need > limit:
+        raise HwawareError(f"{where}: its largest subnet needs about {_gib(need)} (float32 weights plus the "
+                           f"activations of one image), more than this machine's {_gib(limit)} of memory")
+
+
+def _positive(value: Any, field: str, kind: type, where: str) -> int | float:
+    """`value` as a positive int (a whole number) or a positive finite float up to MAX_SIZE, else one line
+    naming `field`."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value == int(value))
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not (whole if kind is int else finite):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise HwawareError(f"{where}: {field} must be {what}, got {excerpt(value)}")
+    if value <= 0:
+        raise HwawareError(f"{where}: {field} must be positive, got {excerpt(value)}")
+    if value > MAX_SIZE:
+        raise HwawareError(f"{where}: {field} = {excerpt(value)} is over the limit of {MAX_SIZE:,}")
+    return kind(value)
+
+
+def largest_model_bytes(space: SearchSpace, batch_size: int = 1) -> int:
+    """Bytes the supernet's float32 weights (sized to the maxima) plus the activations a training step keeps
+    for `batch_size` images through the largest subnet take: an estimate, exact to within a small factor."""
+    dim, depth, hidden = space.max_embed_dim, space.max_depth, space.max_mlp_hidden
+    attn, tokens = space.max_heads * space.head_dim, space.num_tokens
+    per_block = 4 * dim + 3 * dim * attn + 3 * attn + attn * dim + dim + 2 * dim * hidden + hidden + dim
+    activations = tokens * (6 * dim + 5 * attn + 2 * hidden) + 2 * space.max_heads * tokens**2
+    if space.relative_position:  # k and v: two tables each, int64 index buffers, and a gathered vector per pair
+        per_block += 4 * (2 * space.max_relative_position + 2) * space.head_dim + 8 * tokens**2
+        activations += 2 * tokens**2 * space.head_dim
+    weights = (space.in_chans * space.patch_size**2 * dim + dim + (tokens + 1) * dim + depth * per_block
+               + 2 * dim + dim * space.num_classes + space.num_classes)
+    activations = depth * activations
+    return FLOAT32_BYTES * (weights + batch_size * (activations + space.in_chans * space.img_size**2))
+
+
+@functools.cache
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the machine's physical memory, or its container's (cgroup v2) limit
+    where that is lower; None where the OS says neither. No space may need more."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:  # "max" when unlimited
+            text = f.read(64).strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits) if limits else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**50 else f"{n / 2**30:.2e} GiB"
 
 
 GLOBAL_POOLS = ("token", "avg")
@@ -332,21 +418,27 @@ def _from_autoformer(data: dict, source: str) -> SearchSpace:
         if name not in choices:
             raise HwawareError(f"{source}: SEARCH_SPACE is missing {name}")
         _require_list(choices, name, f"{source}: SEARCH_SPACE")
+    return _build(
+        source,
+        name=Path(source).stem,
+        embed_dims=tuple(choices["EMBED_DIM"]),
+        depths=tuple(choices["DEPTH"]),
+        num_heads=tuple(choices["NUM_HEADS"]),
+        mlp_ratios=tuple(choices["MLP_RATIO"]),
+        max_embed_dim=supernet.get("EMBED_DIM", 0),
+        max_depth=supernet.get("DEPTH", 0),
+        max_heads=supernet.get("NUM_HEADS", 0),
+        max_mlp_ratio=supernet.get("MLP_RATIO", 0.0),
+        **AUTOFORMER_COMPUTE,
+    )
+
+
+def _build(source: str, **fields: Any) -> SearchSpace:
+    """SearchSpace(**fields), its refusal prefixed with where the fields came from (a file, a checkpoint)."""
     try:
-        return SearchSpace(
-            name=Path(source).stem,
-            embed_dims=tuple(int(v) for v in choices["EMBED_DIM"]),
-            depths=tuple(int(v) for v in choices["DEPTH"]),
-            num_heads=tuple(int(v) for v in choices["NUM_HEADS"]),
-            mlp_ratios=tuple(float(v) for v in choices["MLP_RATIO"]),
-            max_embed_dim=int(supernet.get("EMBED_DIM", 0)),
-            max_depth=int(supernet.get("DEPTH", 0)),
-            max_heads=int(supernet.get("NUM_HEADS", 0)),
-            max_mlp_ratio=float(supernet.get("MLP_RATIO", 0.0)),
-            **AUTOFORMER_COMPUTE,
-        )
-    except (TypeError, ValueError) as exc:
-        raise HwawareError(f"{source}: SEARCH_SPACE and SUPERNET values must be numbers ({exc})") from None
+        return SearchSpace(**fields)
+    except HwawareError as exc:
+        raise HwawareError(f"{source}: {exc}" if source != "space" else str(exc)) from None
 
 
 def _median(values: Sequence):
@@ -369,7 +461,7 @@ def _require_list(data: dict, key: str, source: str) -> list:
     if not isinstance(value, (list, tuple)) or not value:
         raise HwawareError(f"{source}: {key} must be a non-empty list, got {excerpt(value)}")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
             raise HwawareError(f"{source}: {key} must hold numbers, got {excerpt(v)}")
     return list(value)
 
@@ -462,6 +554,8 @@ def _read_yaml(path: str | Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise HwawareError(f"{path}: malformed YAML{where}") from None
+    except ValueError as exc:  # a number of thousands of digits: Python's int() refuses it
+        raise HwawareError(f"{path}: malformed YAML ({str(exc)[:80]})") from None
 
 
 BUILTIN_SPACES: dict[str, SearchSpace] = _builtin_spaces()

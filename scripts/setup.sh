@@ -17,3 +17,6 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   .venv/bin/pip install --quiet --no-deps --require-hashes \
     -r <(echo "animal-mnist==0.4 --hash=sha256:aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce")
 fi
+# The real TensorRT bindings of every supported release (about 1 MB each), pinned by hash and NOT installed: the
+# conformance test reads their names. Offline (exit 3) the test skips; a corrupt or foreign wheel (exit 2) stops here.
+.venv/bin/python scripts/tensorrt_bindings.py fetch .cache/tensorrt-bindings || [ $? -eq 3 ]

@@ -221,10 +221,66 @@ def test_animals_file_with_another_checksum_is_refused(tmp_path):
     images.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     with pytest.raises(HwawareError, match="SHA-256 .* expected 68a30346"):
         load_animals(tmp_path)
-    with pytest.raises(HwawareError, match="cannot read"):
+    with pytest.raises(HwawareError, match="no such file"):
         load_animals(tmp_path / "missing")
 
 
 def test_animals_needs_its_space_shape():
     with pytest.raises(HwawareError, match="img_size"):
         build_dataset("animals", DIGITS, "val")
+
+
+# ---- a dataset pointed at something that is not its files ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "oversized"])
+def test_animals_pointed_at_a_device_fifo_or_huge_file_is_refused_unread(tmp_path, kind):
+    import os
+    import shutil
+    import threading
+
+    from hwaware.data import ANIMALS_FILES, animals_dir, load_animals
+
+    for name, _ in ANIMALS_FILES.values():
+        shutil.copy(animals_dir() / name, tmp_path / name)
+    images = tmp_path / ANIMALS_FILES["images"][0]
+    images.unlink()
+    if kind == "device":
+        os.symlink("/dev/zero", images)  # read whole, it never ends: MemoryError before
+    elif kind == "fifo":
+        os.mkfifo(images)
+    else:
+        with open(images, "wb") as f:
+            f.truncate(1 << 30)  # sparse: 1 GiB on paper, nothing on disk
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(error=_raised(load_animals, tmp_path)), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), f"load_animals hung on a {kind}"
+    expected = "over the 256 MiB limit" if kind == "oversized" else "is not a regular file"
+    assert isinstance(out["error"], HwawareError) and expected in str(out["error"]) and images.name in str(out["error"])
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001 - handed back to the test
+        return exc
+    return None
+
+
+def test_cifar_pointed_at_a_fifo_is_refused_before_torchvision_hashes_it(tmp_path):
+    import os
+    import threading
+
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    os.mkfifo(batches / "data_batch_1")
+    space = replace(get_space("autoformer-t"), num_classes=10, img_size=32, patch_size=16)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(error=_raised(build_dataset, f"cifar10:{tmp_path}", space,
+                                                                       "train")), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "cifar10 hung on a FIFO"
+    assert isinstance(out["error"], HwawareError) and "data_batch_1 is not a regular file" in str(out["error"])

@@ -358,7 +358,7 @@ def test_bad_input_is_one_clear_error(tmp_path, model):
         export_model(model, Arch(96, (1,), (2.0,)), SPACE, tmp_path / "b")
     with pytest.raises(HwawareError, match="model: does not match arch"):
         export_model(model, Arch(48, (4, 1), (2.0, 4.0)), SPACE, tmp_path / "c")
-    with pytest.raises(HwawareError, match="precision: 'int4' is not one of fp32, fp16, int8, fp8 for export"):
+    with pytest.raises(HwawareError, match="precision: 'int4' is not one of fp32, fp16, bf16, int8, fp8 for export"):
         export_model(model, ARCH, SPACE, tmp_path / "d", precision="int4")
     with pytest.raises(HwawareError, match=r"sample inputs: expected shape \[N, 1, 8, 8\]"):
         export_model(model, ARCH, SPACE, tmp_path / "e", sample_inputs=torch.zeros(2, 3, 8, 8))
@@ -444,7 +444,8 @@ def test_tensorrt_alone_without_tensorrt_is_an_error(tmp_path, model):
 @pytest.mark.skipif(bool(TRT_MISSING), reason=f"needs TensorRT and a CUDA GPU: {TRT_MISSING}")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engine_matches_pytorch_and_refuses_other_machines(tmp_path, model, digits, precision):
-    from hwaware.tensorrt_build import present_environment, run_engine
+    from hwaware.latency.backends import TensorRTRunner
+    from hwaware.tensorrt_build import present_environment
 
     out = tmp_path / f"trt-{precision}"
     cache = tmp_path / "timing.cache"
@@ -458,7 +459,7 @@ def test_tensorrt_engine_matches_pytorch_and_refuses_other_machines(tmp_path, mo
     engine = load_engine(out / "model.plan")
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(run_engine(engine, x).float().cpu(), model(x), atol=0.05, rtol=0.05)
+        torch.testing.assert_close(TensorRTRunner(engine, x.cuda()).outputs().float().cpu(), model(x), atol=0.05, rtol=0.05)
     metadata = json.loads(metadata_path(out / "model.plan").read_text())
     assert {k: metadata[k] for k in BUILT} == present_environment()
     metadata_path(out / "model.plan").write_text(json.dumps({**metadata, "tensorrt_version": "0.0.1"}))

@@ -375,9 +375,11 @@ def test_tensorrt_builds_and_times(tmp_path):
     assert stats["median_ms"] > 0 and (tmp_path / "timing.cache").stat().st_size > 0
 
 
-def test_sample_subnets_are_distinct():
-    archs = profiling.sample_subnets(TINY, 20, random.Random(0))
+def test_sample_subnets_are_distinct_and_never_fewer_than_asked():
+    archs = profiling.sample_subnets(TINY, 6, random.Random(0))
     assert len(archs) == len(set(archs)) == 6  # the tiny space has only 6 subnets
+    with pytest.raises(HwawareError, match="20 distinct subnets asked of space tiny, which has only 6"):
+        profiling.sample_subnets(TINY, 20, random.Random(0))
 
 
 def test_partial_log_header_is_checked(tmp_path):

@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -164,3 +165,97 @@ def test_bad_compute_settings_are_named(field, value, message):
     data = {**BUILTIN_SPACES["digits"].to_dict(), field: value}
     with pytest.raises(HwawareError, match=message):
         SearchSpace.from_dict(data)
+
+
+# ---- one check for every space definition, wherever it comes from ---------------------------------
+
+HUGE = {"embed_dims": [65536], "depths": [64], "num_heads": [64]}  # ~1 TB of weights: no machine here holds it
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("patch_size", 0, "patch_size must be positive, got 0"),
+    ("patch_size", "2", "patch_size must be a positive integer, got '2'"),
+    ("img_size", 8.5, "img_size must be a positive integer"),
+    ("head_dim", -4, "head_dim must be positive"),
+    ("num_classes", None, "num_classes must be a positive integer"),
+    ("num_heads", [1, True], r"num_heads\[1\] must be a positive integer"),
+    ("mlp_ratios", [float("nan")], r"mlp_ratios\[0\] must be a positive number"),
+    ("embed_dims", "64", "embed_dims must be a list of numbers"),
+    ("embed_dims", [10**400], r"embed_dims\[0\] = .* is over the limit of 2,147,483,647"),
+    ("depths", [5000], "depth 5000 is over the limit of 1024 layers"),
+    ("max_mlp_ratio", "4", "max_mlp_ratio must be a positive number"),
+    ("mlp_ratios", [0.01], "embed_dim 32 with mlp_ratio 0.01 gives an MLP with no hidden units"),
+])
+def test_bad_space_fields_are_named_before_anything_is_built(field, value, message):
+    with pytest.raises(HwawareError, match=f"t.json: space t: {message}"):
+        SearchSpace.from_dict({**BUILTIN_SPACES["digits"].to_dict(), "name": "t", field: value}, source="t.json")
+
+
+def test_a_space_too_large_for_this_machine_is_refused_with_its_size():
+    from hwaware.space import largest_model_bytes
+
+    data = {**BUILTIN_SPACES["digits"].to_dict(), **HUGE}
+    with pytest.raises(HwawareError, match=r"largest subnet needs about [\d,.]+ GiB .* more than this machine's"):
+        SearchSpace.from_dict(data)
+    # the estimate counts what SuperViT allocates: its weights exactly (tests/test_supernet.py builds it)
+    assert largest_model_bytes(BUILTIN_SPACES["digits"], batch_size=0) == 808_744
+
+
+def test_every_constructor_goes_through_the_one_check():
+    import dataclasses
+
+    digits = BUILTIN_SPACES["digits"]
+    with pytest.raises(HwawareError, match="patch_size must be positive"):
+        dataclasses.replace(digits, patch_size=0)
+    with pytest.raises(HwawareError, match="patch_size must be positive"):
+        SearchSpace("x", (8,), (1,), (1,), (1.0,), img_size=8, patch_size=0)
+    autoformer = {"SUPERNET": {"EMBED_DIM": 256.5}, "SEARCH_SPACE": {
+        "EMBED_DIM": [192], "DEPTH": [12], "NUM_HEADS": [3], "MLP_RATIO": [4.0]}}
+    with pytest.raises(HwawareError, match="af.yaml: space af: max_embed_dim must be a positive integer"):
+        SearchSpace.from_dict(autoformer, source="af.yaml")
+
+
+def _hwaware(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hwaware.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _one_line_exit_2(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "unexpected" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_space_show_refuses_patch_size_zero_in_one_line(tmp_path):
+    (tmp_path / "p0.yaml").write_text(yaml.safe_dump({**BUILTIN_SPACES["digits"].to_dict(), "patch_size": 0}))
+    _one_line_exit_2(_hwaware("space", "show", "p0.yaml", cwd=tmp_path), "p0.yaml", "patch_size must be positive")
+
+
+@pytest.mark.parametrize("bad", [{"patch_size": 0}, HUGE])
+def test_recalibrate_refuses_a_bad_space_def_before_building_a_model(tmp_path, bad):
+    import json
+    import shutil
+
+    shipped = Path(__file__).parents[1] / "latency_tables" / "cpu-onnxruntime-fp32-digits-b1"
+    table = tmp_path / "in" / shipped.name
+    table.parent.mkdir()
+    shutil.copy(shipped.with_suffix(".csv"), table.with_suffix(".csv"))
+    sidecar = json.loads(shipped.with_suffix(".json").read_text())
+    sidecar["space_def"].update(bad)
+    table.with_suffix(".json").write_text(json.dumps(sidecar))
+    result = _hwaware("profile", "--recalibrate", str(table.with_suffix(".csv")), "--out", "out", cwd=tmp_path)
+    _one_line_exit_2(result, "space_def", "patch_size must be positive" if "patch_size" in bad else "GiB")
+    assert not list((tmp_path / "out").glob("*.csv"))
+
+
+def test_a_checkpoint_recording_an_impossible_space_is_refused_before_its_model_is_built(tmp_path):
+    from hwaware.checkpoint import save_checkpoint
+    from hwaware.evaluation import load_supernet
+
+    space = {**BUILTIN_SPACES["digits"].to_dict(), **HUGE}
+    save_checkpoint(tmp_path / "last.pt", {"space": space, "config": {}, "model": {}})
+    with pytest.raises(HwawareError, match=r"last.pt: space: space digits: its largest subnet needs about"):
+        load_supernet(tmp_path / "last.pt")

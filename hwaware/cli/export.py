@@ -6,6 +6,7 @@ import argparse
 import json
 
 from hwaware.cli import bounded, fill_from_project
+from hwaware.cli._scoring import add_scoring_flags, scoring_options
 from hwaware.precision import EXPORT_PRECISIONS, PRECISIONS, QUANT_MODES
 
 
@@ -19,12 +20,15 @@ def cmd_export(args: argparse.Namespace) -> None:
                                batch_sizes=args.batch_sizes, force=args.force, device=args.device, table=args.table,
                                tables_root=args.tables, data=args.data, table_optional="device" in filled,
                                quantize_mode=args.quantize_mode, max_accuracy_drop=args.max_accuracy_drop,
-                               calibration_images=args.calibration_images)
+                               calibration_images=args.calibration_images, scoring=scoring_options(args))
     card = result.card
+    accuracy = card.get("accuracy") or {}
+    top1 = ", ".join(f"{name.replace('_', '-')} top-1 {row['top1']:.4f}" for name, row in accuracy.items())
     print(f"exported {', '.join(result.formats)} to {result.out_dir}: {card['arch_short']}, "
-          f"{card['params']:,} params, {card['flops']:,} FLOPs, val top-1 {card['val_top1']:.4f}, "
-          f"test top-1 {card['test_top1']:.4f}"
+          f"{card['params']:,} params, {card['flops']:,} FLOPs, {top1 or 'no accuracy (no data)'}"
           + (f", predicted {card['predicted_latency_ms']:.4f} ms" if "predicted_latency_ms" in card else ""))
+    for name, row in accuracy.items():
+        print(f"  {name.replace('_', '-')}: {row['images']}")
     quantized = card.get("quantized") or {}
     for split, row in (quantized.get("accuracy") or {}).items():
         print(f"  {card['precision']} ({quantized.get('mode')}) {split}: top-1 {row['quantized_top1']:.4f} against "
@@ -67,14 +71,17 @@ def register(sub) -> None:
                              "calibrated on training images (the default with tensorrt)")
     export.add_argument("--max-accuracy-drop", dest="max_accuracy_drop", type=bounded(float, 0, 100),
                         help="refuse a quantized model losing more top-1 points than this on val or test")
-    export.add_argument("--calibration-images", dest="calibration_images", type=bounded(int, 1, 100000), default=256,
-                        help="training images static quantization is calibrated on (default 256)")
+    export.add_argument("--calibration-images", dest="calibration_images", type=bounded(int, 1), default=256,
+                        help="class-stratified training images static quantization is calibrated on (default 256, "
+                        "at most 2048; more than the training split has is refused)")
     export.add_argument("--batch-sizes", dest="batch_sizes", default="1,8,32",
                         help="checked batches, TensorRT profile and Triton max batch (default 1,8,32)")
     export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
     export.add_argument("--table", help="a latency table CSV (instead of --device)")
     export.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
     export.add_argument("--force", action="store_true", help="replace an existing export folder")
+    add_scoring_flags(export, images_help="images of each split the card's top-1 is measured on, a class-stratified "
+                      "draw (default: all up to 10,000; or all)")
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="measure an exported model and compare with the table's prediction")

@@ -43,6 +43,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         find_present(profile)  # before torch loads: an absent device is a quick one-line answer
     overrides = {k: getattr(args, k) for k in ("threads", "warmup", "min_repeats", "min_time_s", "fit_subnets",
                                                 "holdout_subnets")}
+    overrides["cuda_graph"] = True if args.cuda_graph else None
     settings = profile.measurement.replace(**overrides)
     if args.estimate:
         from hwaware.latency.estimate import estimate_table
@@ -104,7 +105,8 @@ def _transfer(args: argparse.Namespace) -> None:
     args.out = args.out or "latency_tables"
     profile = load_device_profile(args.device)
     settings = profile.measurement.replace(**{k: getattr(args, k) for k in ("threads", "warmup", "min_repeats",
-                                                                           "min_time_s")})
+                                                                           "min_time_s")},
+                                           cuda_graph=True if args.cuda_graph else None)
     with folder_lock(args.out, "profile --transfer-from"):
         path = transfer_table(args.transfer_from, args.device, args.out, space=args.space, backend=args.backend,
                               precision=args.precision, batch=args.batch, settings=settings,
@@ -142,6 +144,8 @@ def register(sub) -> None:
                            "default 10, --transfer-from from 2)")
     prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, 0, 1000),
                       help="held-out subnets it is validated on (--recalibrate, --transfer-from: default 10)")
+    prof.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                      help="GPU: time replays of a captured CUDA graph (torch, tensorrt); recorded in the table")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
     prof.add_argument("--estimate", action="store_true",
                       help="estimated table: for a GPU from the kernel model fitted on public GPU measurements, for a "

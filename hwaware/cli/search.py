@@ -6,6 +6,7 @@ import argparse
 import re
 
 from hwaware.cli import bounded, fill_from_project
+from hwaware.cli._scoring import add_scoring_flags, scoring_options
 from hwaware.precision import PRECISIONS
 
 BUDGET_FLAGS = ("latency_ms", "flops_g", "params_m", "min_params_m")
@@ -34,10 +35,23 @@ def cmd_search(args: argparse.Namespace) -> None:
                                              "crossover_children", "strategy", "seed") if getattr(args, k) is not None}
     result = search_checkpoint(args.checkpoint, args.out, budgets, device=args.device, table=args.table,
                                tables_root=args.tables, data=args.data, precision=args.precision,
-                               progress=not args.quiet, **options)
+                               progress=not args.quiet, scoring=scoring_options(args), **options)
     if os.environ.get("RANK", "0") == "0":
+        from pathlib import Path
+
+        from hwaware.io import read_json
+        from hwaware.pipeline import SCORING_FILE
+
         print(summary_table(result))
-        print(f"results in {args.out}/ (best_*.yaml, candidates.csv, pareto.csv, pareto.png)")
+        scoring = read_json(Path(args.out) / SCORING_FILE, "the search wrote no scoring.json")
+        print(f"scored on {scoring['selection']['describe']}")
+        held_out = scoring["held_out"]
+        if held_out is None:
+            print("held-out top-1: none (no image outside the scored set: pass a smaller --score-images)")
+        else:
+            print(f"held-out top-1 on {held_out['describe']}: "
+                  + ", ".join(f"{label} {top1:.4f}" for label, top1 in held_out["top1"].items()))
+        print(f"results in {args.out}/ (best_*.yaml, candidates.csv, pareto.csv, pareto.png, scoring.json)")
 
 
 def register(sub) -> None:
@@ -64,4 +78,6 @@ def register(sub) -> None:
     search.add_argument("--crossover-children", dest="crossover_children", type=bounded(int, 0, 100000), help="default 25")
     search.add_argument("--seed", type=bounded(int, 0), help="default 0")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scoring_flags(search, images_help="val images every subnet is scored on, a fixed class-stratified draw "
+                      "(default: all up to 10,000; or all)")
     search.set_defaults(func=cmd_search)

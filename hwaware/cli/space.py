@@ -13,6 +13,14 @@ def fmt_count(n: float) -> str:
     return f"{n:g}"
 
 
+def fmt_subnets(n: int) -> str:
+    """A subnet count of any size: exact with separators, or a power of ten once past a float's range."""
+    if n < 10**15:
+        return f"{n:,}"
+    exponent = n.bit_length() * 0.30103  # log10(2): a 6,000-digit count has no float and no str (CPython's limit)
+    return f"about 10^{exponent:.0f}"
+
+
 def cmd_space_list(args: argparse.Namespace) -> None:
     from hwaware.space import BUILTIN_SPACES
 
@@ -28,6 +36,7 @@ def cmd_space_show(args: argparse.Namespace) -> None:
     from hwaware.costs import arch_cost
 
     small, large = arch_cost(space.smallest(), space), arch_cost(space.largest(), space)
+    subnets = space.num_subnets()
     info = {
         "name": space.name,
         "embed_dims": list(space.embed_dims),
@@ -40,7 +49,7 @@ def cmd_space_show(args: argparse.Namespace) -> None:
         "supernet_maxima": {"embed_dim": space.max_embed_dim, "depth": space.max_depth,
                             "num_heads": space.max_heads, "mlp_ratio": space.max_mlp_ratio},
         "computes": space.compute_settings(),
-        "num_subnets": space.num_subnets(),
+        "num_subnets": subnets if subnets < 10**4000 else fmt_subnets(subnets),  # JSON's ints end at 4,300 digits
         "params": [small.params, large.params],
         "flops": [small.flops, large.flops],
     }
@@ -51,7 +60,7 @@ def cmd_space_show(args: argparse.Namespace) -> None:
         if key in ("params", "flops"):
             value = f"{fmt_count(value[0])} .. {fmt_count(value[1])} (smallest .. largest)"
         elif key == "num_subnets":
-            value = f"{value:,}"
+            value = fmt_subnets(value)
         print(f"{key:16s} {value}")
 
 

@@ -33,17 +33,25 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    import os
+
+    from hwaware.cli._scoring import deprecated_device, scoring_options
     from hwaware.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data,
-                                 batch_size=args.batch_size, device=args.device)
+    deprecated_device(args, "evaluate")
+    options = scoring_options(args)
+    images, seed = options.pop("images", None), options.pop("seed", 0)
+    result = evaluate_checkpoint(args.checkpoint, args.arch, split=args.split, data=args.data, images=images,
+                                 seed=seed, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank holds the reduced figures; one prints
+        return
     if args.json:
         print(dumps_strict(result))
         return
     top5 = f"  top-5 {result['top5']:.4f}" if "top5" in result else ""
     from hwaware.space import Arch
 
-    print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['n']} images of {result['data']}, "
+    print(f"{result['split']} top-1 {result['top1']:.4f}{top5}  ({result['images']} of {result['data']}, "
           f"arch {Arch.from_dict(result['arch']).short()}, epoch {result['epoch']})")
 
 
@@ -89,7 +97,11 @@ def register(sub) -> None:
                     "trained, else largest)")
     ev.add_argument("--split", choices=["val", "test"], default="val")
     ev.add_argument("--data", help="dataset spec (default: the one the supernet was trained on)")
-    ev.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), default=256)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", dest="torch_device", help=argparse.SUPPRESS)  # deprecated: --compute-device
     ev.add_argument("--json", action="store_true", help="print one JSON object (top1, top5 as fractions 0..1)")
+    from hwaware.cli._scoring import add_scoring_flags
+
+    add_scoring_flags(ev, images_help="score a class-stratified draw of this many images (default: all of the split)",
+                      cache=False)
+    ev.add_argument("--batch-size", dest="score_batch_size", type=bounded(int, 1, 65536), help=argparse.SUPPRESS)
     ev.set_defaults(func=cmd_evaluate)

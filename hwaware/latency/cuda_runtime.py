@@ -24,11 +24,17 @@ def _cudart():
     return runtime
 
 
+# What the runtime answers where there is no GPU, or no driver new enough for it.
+_NO_GPU = frozenset({"cudaErrorNoDevice", "cudaErrorInsufficientDriver", "cudaErrorInitializationError"})
+
+
 def _check(result):
     """cuda-python returns (error, *values); raise on an error, return the values."""
     error, *values = result if isinstance(result, tuple) else (result,)
     if int(error) != 0:
-        raise HwawareError(f"cuda: {error}")
+        name = getattr(error, "name", str(error))
+        hint = "; no usable NVIDIA GPU and driver here" if name in _NO_GPU else ""
+        raise HwawareError(f"cuda: {name}{hint}")
     return values[0] if len(values) == 1 else values
 
 
@@ -78,3 +84,25 @@ class EventTimer:
             for event in pair:
                 self.rt.cudaEventDestroy(event)
         return times
+
+
+class CudaGraph:
+    """One call of `run(stream)` captured on `stream` as a CUDA graph; `launch(stream)` replays it."""
+
+    def __init__(self, run, stream):
+        self.rt = _cudart()
+        _check(self.rt.cudaStreamBeginCapture(stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        try:
+            run(int(stream))
+        finally:
+            self.graph = _check(self.rt.cudaStreamEndCapture(stream))
+        self.exec = _check(self.rt.cudaGraphInstantiate(self.graph, 0))
+
+    def launch(self, stream: int) -> None:
+        _check(self.rt.cudaGraphLaunch(self.exec, stream))
+
+    def __del__(self):
+        if getattr(self, "exec", None) is not None:
+            self.rt.cudaGraphExecDestroy(self.exec)
+        if getattr(self, "graph", None) is not None:
+            self.rt.cudaGraphDestroy(self.graph)

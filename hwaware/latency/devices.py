@@ -39,6 +39,7 @@ class MeasureSettings:
     fit_subnets: int = 20
     holdout_subnets: int = 30
     statistic: str = "median"  # what a table predicts from: "median" or "min" (uncontended speed on shared hosts)
+    cuda_graph: bool = False  # GPU backends time replays of one captured run (launch overhead removed, as served)
 
     @classmethod
     def from_dict(cls, data: dict | None, source: str = "measurement") -> MeasureSettings:
@@ -47,9 +48,12 @@ class MeasureSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise HwawareError(f"{source}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(data.get("cuda_graph", False), bool):
+            raise HwawareError(f"{source}: cuda_graph must be true or false, got {data['cuda_graph']!r}")
         try:
             defaults = cls()
-            settings = cls(**{k: (None if v is None else type(getattr(defaults, k) or 0)(v)) for k, v in data.items()})
+            settings = cls(**{k: (v if v is None or k == "cuda_graph" else type(getattr(defaults, k) or 0)(v))
+                              for k, v in data.items()})
         except (TypeError, ValueError) as exc:
             raise HwawareError(f"{source}: {exc}") from None
         if settings.min_repeats < 1 or settings.warmup < 0 or settings.min_time_s < 0 or settings.max_repeats < 1:

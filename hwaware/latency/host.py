@@ -11,6 +11,7 @@ for the GPU, yet TensorRT and ONNX Runtime still serve on it.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import platform
@@ -74,7 +75,21 @@ def cpu_fingerprint() -> dict[str, Any]:
 
 
 def gpus() -> list[dict[str, Any]]:
-    """Every NVIDIA GPU `nvidia-smi` reports: index, name, compute capability, memory, driver, clocks, power."""
+    """Every NVIDIA GPU `nvidia-smi` reports: index, name, compute capability, memory, driver, clocks, power.
+
+    Read once per process (these are fixed facts of the machine; a GPU table's engine builds asked for
+    them hundreds of times); each call gets its own copy.
+    """
+    global _GPUS
+    if _GPUS is None:
+        _GPUS = _query_gpus()
+    return copy.deepcopy(_GPUS)
+
+
+_GPUS: list[dict[str, Any]] | None = None
+
+
+def _query_gpus() -> list[dict[str, Any]]:
     if not shutil.which("nvidia-smi"):
         return []
     try:

@@ -44,12 +44,19 @@ def space_pieces(space: SearchSpace) -> list[Piece]:
 
 
 def sample_subnets(space: SearchSpace, count: int, rng: random.Random) -> list[Arch]:
-    """`count` distinct random subnets (fewer if the space has fewer)."""
+    """`count` distinct random subnets; a space with fewer is refused, never quietly handed back fewer (a
+    recalibration's hold-out would shrink to nothing)."""
+    if count > space.num_subnets():
+        raise HwawareError(f"subnets: {count} distinct subnets asked of space {space.name}, which has only "
+                           f"{space.num_subnets()}")
     chosen: dict[Arch, None] = {}
     for _ in range(count * 50):
         if len(chosen) >= count:
             break
         chosen.setdefault(space.sample(rng))
+    if len(chosen) < count:
+        raise HwawareError(f"subnets: {count * 50} draws from space {space.name} found {len(chosen)} distinct "
+                           f"subnets of the {count} asked; ask for fewer")
     return list(chosen)
 
 
@@ -108,8 +115,15 @@ class Profiler:
         self.profile, self.space, self.backend, self.batch_size = profile, space, backend, batch_size
         self.settings, self.out_dir, self.seed, self.progress = settings, Path(out_dir), seed, progress
         self.csv_path = self.out_dir / table_name(profile.name, backend.name, backend.precision, space.name, batch_size)
+        if backend.name == "tensorrt":  # pieces built as the shipped plan is; the timing cache stays with the table
+            from hwaware.tensorrt_build import DEFAULT_BATCH_SIZES
+
+            backend.serve_for_table(batch_size, DEFAULT_BATCH_SIZES, self.csv_path.with_suffix(".timing.cache"))
         self.log = PartialLog(Path(f"{self.csv_path}.partial"))
         self.run_info_path = Path(f"{self.csv_path.with_suffix('.json')}.partial")
+        # each TensorRT engine's share of layers per precision (its audit), kept while the run is partial
+        self.audit_path = Path(f"{self.csv_path.with_suffix('.layers.json')}.partial")
+        self.audits: dict[str, dict] = {}
         rng = random.Random(seed)
         self.pieces = space_pieces(space)
         rng.shuffle(self.pieces)
@@ -134,7 +148,9 @@ class Profiler:
                 raise HwawareError(
                     f"profile: {self.log.path} is a partial run with other settings ({self.run_info_path}); "
                     f"rerun with those settings to resume it, or delete both files to start over")
+            self.audits = _read_audits(self.audit_path) if self.audit_path.exists() else {}
             return self.log.read()
+        self.audit_path.unlink(missing_ok=True)
         if self.log.path.exists():  # a log without its run info cannot be trusted to match
             self.log.path.unlink()
         info = {"config": self.config(), "started": _now(), "environment": environment(self.backend)}
@@ -154,7 +170,10 @@ class Profiler:
         module, example = self._module_and_input(item)
         workdir = Path(self._workdir.name) / item.kind
         workdir.mkdir(exist_ok=True)
-        return self.backend.prepare(module, example, workdir)
+        runner = self.backend.prepare(module, example, workdir)
+        if getattr(self.backend, "last_audit", None):
+            self.audits[item.key] = self.backend.last_audit
+        return runner
 
     def _anchor(self, phase: str):
         if phase not in self._anchor_runners:
@@ -226,12 +245,15 @@ class Profiler:
                     segment = items[i: i + step]
                     rows = self._segment(segment, phase, anchors[phase])
                     self.log.append(rows)
+                    if self.audits:
+                        atomic_write_text(self.audit_path, json.dumps(self.audits) + "\n")
                     anchors[phase].extend(float(r[column]) for r in rows if r["kind"] == "anchor")
                     bar.update(len(segment))
         table = self.finalize(self.log.read())
         table.save(self.csv_path)
         self.log.path.unlink(missing_ok=True)
         self.run_info_path.unlink(missing_ok=True)
+        self.audit_path.unlink(missing_ok=True)
         return self.csv_path
 
     def finalize(self, log_rows: list[dict]) -> LatencyTable:
@@ -288,6 +310,8 @@ class Profiler:
         meta["validation_other_statistic"] = _other_statistic_validation(rows, subnets, self.settings)
         meta["drift"] = _drift_summary(log_rows, self.anchors, self.settings)
         meta["timing"] = _timing_summary(log_rows)
+        if self.audits:
+            meta["layer_precisions"] = _layer_shares(self.audits)
         return LatencyTable(rows, meta)
 
 
@@ -331,12 +355,31 @@ def _timing_summary(log_rows: list[dict]) -> dict:
             "end_to_end_1000_candidates_seconds": 1000 * mean_subnet}
 
 
+def _read_audits(path: Path) -> dict[str, dict]:
+    audits = read_json(path, f"profile: {path} vanished")
+    if not (isinstance(audits, dict) and all(isinstance(a, dict) and isinstance(a.get("layers"), int)
+                                             and isinstance(a.get("shares"), dict) for a in audits.values())):
+        raise HwawareError(f"profile: {path} is not a record of engine audits; delete it to start over")
+    return audits
+
+
+def _layer_shares(audits: dict[str, dict]) -> dict:
+    """Share of compute layers per precision over every TensorRT engine the table timed (pieces, subnets, anchors)."""
+    counts: dict[str, float] = {}
+    for audit in audits.values():
+        for precision, share in audit["shares"].items():
+            counts[precision] = counts.get(precision, 0.0) + share * audit["layers"]
+    total = sum(counts.values())
+    return {"engines": len(audits), "layers": round(total),
+            "shares": {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,
-                    quantize_mode: str | None = None) -> Backend:
+                    quantize_mode: str | None = None, cuda_graph: bool = False) -> Backend:
     """The backend object for a present device of `profile` (raises if the device is absent, or cannot run
     the precision with that backend: fp8 on a GPU below compute capability 8.9, int8 with torch)."""
     present = find_present(profile)
@@ -344,7 +387,7 @@ def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str 
     backend, precision = backend or profile.backend, precision or profile.precision
     check_runs(precision, backend, present.kind, present.label(), present.capability)
     runner_backend = get_backend(backend, device=device, precision=precision, threads=threads,
-                                 quantize_mode=quantize_mode)
+                                 quantize_mode=quantize_mode, cuda_graph=cuda_graph)
     if runner_backend.name == "tensorrt":
         from hwaware.tensorrt_build import check_supported
 
@@ -363,7 +406,7 @@ def profile_device(device: str, space: str | SearchSpace, backend: str | None = 
     profile = load_device_profile(device)
     space = get_space(space)
     settings = settings or profile.measurement
-    runner_backend = resolve_backend(profile, backend, precision, settings.threads, quantize_mode)
+    runner_backend = resolve_backend(profile, backend, precision, settings.threads, quantize_mode, settings.cuda_graph)
     batch = batch or profile.batch_sizes[0]
     if batch < 1:
         raise HwawareError(f"batch: must be at least 1, got {batch}")

@@ -77,7 +77,7 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
     table = LatencyTable.load(csv_path)
     settings = MeasureSettings.from_dict(table.meta.get("settings"))
     backend = resolve_backend(load_device_profile(table.device), table.backend, table.precision, settings.threads,
-                              table.quantize_mode)
+                              table.quantize_mode, settings.cuda_graph)
     seed = int(time.time()) if seed is None else seed
     archs = sample_subnets(table.space, count, random.Random(seed))
     measured = measure_subnets(backend, table.space, table.batch_size, archs, settings, progress,
@@ -102,7 +102,8 @@ def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 
                            "(or --force to replace it)")
     profile = load_device_profile(table.device)
     settings = MeasureSettings.from_dict(table.meta.get("settings"))
-    backend = resolve_backend(profile, table.backend, table.precision, settings.threads, table.quantize_mode)
+    backend = resolve_backend(profile, table.backend, table.precision, settings.threads, table.quantize_mode,
+                              settings.cuda_graph)
     archs = sample_subnets(table.space, fit_subnets + holdout_subnets, random.Random(seed))
     started = time.perf_counter()
     measured = measure_subnets(backend, table.space, table.batch_size, archs, settings, progress,

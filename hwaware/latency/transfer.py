@@ -103,7 +103,7 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
     backend_name, precision = backend or profile.backend, precision or profile.precision
     batch = batch or profile.batch_sizes[0]
     settings = settings or profile.measurement
-    runner = resolve_backend(profile, backend_name, precision, settings.threads, quantize_mode)
+    runner = resolve_backend(profile, backend_name, precision, settings.threads, quantize_mode, settings.cuda_graph)
     target = Path(out) / table_name(profile.name, runner.name, runner.precision, table_space.name, batch)
     if target.resolve() == source_csv.resolve() and not force:
         raise HwawareError(f"transfer: {target} is the source table; pass another output folder (or force)")
