@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hwaware.errors import HwawareError
-from hwaware.search import standard_costs
+from hwaware.pipeline import standard_costs
 from hwaware.space import Arch, SearchSpace, get_space
 
 SPLITS = ("val", "test")

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hwaware.errors import HwawareError
-from hwaware.search import Budget, EvolutionSearch, parse_budgets, standard_costs, write_results
+from hwaware.pipeline import standard_costs
+from hwaware.search import Budget, EvolutionSearch, parse_budgets
+from hwaware.search_results import write_results
 from hwaware.space import Arch, SearchSpace, get_space
 
 

@@ -40,10 +40,23 @@ _RENAMES = ((re.compile(r"^patch_embed_super\."), "patch_embed."),
             (re.compile(r"^(blocks\.\d+)\.(fc[12])\."), r"\1.mlp.\2."))
 
 
-def read_autoformer_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint as a dict with "model" (a state dict) and "args" (a dict, or None when absent)."""
+def checkpoint_size_limits(space: SearchSpace) -> tuple[int, int]:
+    """(largest entry, total) in bytes an AutoFormer checkpoint of `space` can hold: one supernet tensor in
+    fp64 at most, and the fp32 weights five times over (model, EMA, AdamW's two moments, slack), plus 64 MiB
+    for the rest. Counted on a meta-device supernet: nothing is allocated."""
+    from hwaware.supernet import SuperViT
+
+    with torch.device("meta"):
+        sizes = [p.numel() for p in SuperViT(space).parameters()]
+    return max(sizes) * 8, 5 * sum(sizes) * 4 + (64 << 20)
+
+
+def read_autoformer_checkpoint(path: str | Path, space: SearchSpace | None = None) -> dict[str, Any]:
+    """The checkpoint as a dict with "model" (a state dict) and "args" (a dict, or None when absent). With
+    `space`, an archive declaring more data than that space's checkpoint holds is refused unread."""
     path = Path(path)
-    state = load_torch_file(path, admit=(argparse.Namespace,), refused="other than AutoFormer's")
+    limits = checkpoint_size_limits(space) if space is not None else None
+    state = load_torch_file(path, admit=(argparse.Namespace,), refused="other than AutoFormer's", size_limits=limits)
     if isinstance(state, dict) and "model" in state:
         weights, args = state["model"], state.get("args")
     else:  # a bare state dict
@@ -156,7 +169,7 @@ def import_autoformer(checkpoint: str | Path, space: SearchSpace, out: str | Pat
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise HwawareError(f"out: {out} exists; choose a new folder")
-    state = read_autoformer_checkpoint(checkpoint)
+    state = read_autoformer_checkpoint(checkpoint, space)
     settings = checkpoint_settings(state["args"], state["model"])
     check_supported(settings)
     # Shapes first (naming the first tensor that disagrees), with the checkpoint's own RPE so a wrong

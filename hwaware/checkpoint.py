@@ -6,11 +6,13 @@ reads it; numpy's RNG state is stored as a tensor for the same reason.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import platform
 import random
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text
+from hwaware.io import LOCK_FILE, atomic_path, atomic_write_text, file_sha256, loads_strict, lock_holder, read_text_file
 
 FORMAT = "hwaware-supernet-v1"
 RUN_FILE = "run.json"
@@ -35,20 +37,70 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+class _KeepsWriteErrors:
+    """A file for torch.save that remembers what interrupted a write: torch replaces any exception from
+    it with an 'unexpected pos' RuntimeError, which says nothing of a full disk or of a stop signal."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException as exc:  # OSError (ENOSPC), or hwaware.stopping.Stopped
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` under a temporary name, then rename: a kill leaves the previous checkpoint whole."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Write `state` under a temporary name, then rename: a kill or a full disk leaves the previous
+    checkpoint whole, and a failed write is one line naming the file and why."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            target = _KeepsWriteErrors(f)
+            try:
+                torch.save({"format": FORMAT, **state}, target)
+                f.flush()
+            except RuntimeError as exc:
+                raise (target.error or exc) from None
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+        raise HwawareError(f"checkpoint: {reason} writing {path}; the previous checkpoint there (if any) is intact") from None
 
 
-def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses") -> Any:
+def check_archive_size(path: Path, largest_tensor_bytes: int, total_bytes: int) -> None:
+    """Refuse a torch archive whose entries declare more data than a checkpoint of the expected model can
+    hold, before anything is decompressed: a few MB deflated must not expand to gigabytes in memory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
+    biggest = max(entries, key=lambda e: e.file_size, default=None)
+    declared = sum(e.file_size for e in entries)
+    if biggest is not None and biggest.file_size > largest_tensor_bytes:
+        raise HwawareError(f"checkpoint: {path}: {biggest.filename} declares {biggest.file_size / 2**20:.1f} MiB, more "
+                           f"than the largest tensor of this space ({largest_tensor_bytes / 2**20:.1f} MiB); refusing to read it")
+    if declared > total_bytes:
+        raise HwawareError(f"checkpoint: {path} declares {declared / 2**20:.1f} MiB of data, more than a checkpoint of "
+                           f"this space holds ({total_bytes / 2**20:.1f} MiB); refusing to read it")
+
+
+def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str = "weights_only loading refuses",
+                    size_limits: tuple[int, int] | None = None) -> Any:
     """`torch.load(weights_only=True)` with `admit`ted classes and nothing else; a missing, truncated or
-    foreign file is one HwawareError line (`refused` names what the pickled objects are not)."""
+    foreign file is one HwawareError line (`refused` names what the pickled objects are not).
+    `size_limits` (largest entry, total, in bytes) are checked against the archive before reading it."""
     path = Path(path)
     if not path.is_file():
         raise HwawareError(f"checkpoint: {path}: no such file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is cut short or foreign
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint (not a zip archive)")
+    if size_limits is not None:
+        check_archive_size(path, *size_limits)
     try:
         with torch.serialization.safe_globals(list(admit)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -58,7 +110,7 @@ def load_torch_file(path: str | Path, admit: tuple[type, ...] = (), refused: str
             what = f" ({found.group(1)})" if found else ""
             raise HwawareError(f"checkpoint: {path} holds pickled objects {refused}{what}; refusing to load it") from None
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, TypeError, OverflowError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HwawareError(f"checkpoint: {path} is truncated, corrupted or not a torch checkpoint ({reason[:160]})") from None
 
@@ -122,8 +174,8 @@ def claim_run_dir(out: str | Path, identity: dict[str, Any], write: bool = True)
     run_file = out / RUN_FILE
     if run_file.is_file():
         try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, ValueError) as exc:
+            previous = loads_strict(read_text_file(run_file, "run"))
+        except (HwawareError, ValueError) as exc:
             raise HwawareError(f"out: {run_file} is unreadable ({exc}); choose another --out") from None
         difference = first_difference(previous, identity)
         if difference:
@@ -142,3 +194,30 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise HwawareError(f"checkpoint: {source}: {name} holds non-finite values (NaN or inf); "
                                "the run diverged: retrain with a lower --lr or with --clip-grad")
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int]:
+    """(device, inode, mtime) of a file: an atomic replace (a training writing its next checkpoint) changes it."""
+    info = Path(path).stat()
+    return info.st_dev, info.st_ino, info.st_mtime_ns
+
+
+def checkpoint_state(path: str | Path, meta: dict[str, Any], read_from: tuple[int, int, int]) -> dict[str, Any]:
+    """Which state of a run a checkpoint read as `meta` is (epoch, step, complete, sha256), for an export's
+    card. `read_from` is `file_identity` taken before reading it: a file replaced meanwhile is refused, so
+    the hash is of the weights read. A run still training there, or unfinished, is a warning on stderr."""
+    path = Path(path)
+    digest = file_sha256(path)
+    if file_identity(path) != read_from:
+        raise HwawareError(f"checkpoint: {path} was replaced while it was read (a training is writing it); run again")
+    state = {"epoch": meta.get("epoch"), "step": meta.get("step"), "complete": bool(meta.get("complete")),
+             "weights": meta.get("weights"), "sha256": digest}
+    holder = lock_holder(path.parent)
+    if holder is not None:
+        who = f"hwaware {holder.get('command', '?')}, pid {holder.get('pid', '?')}"
+        print(f"hwaware: warning: {path} belongs to a run still training ({who}): this is its state at epoch "
+              f"{state['epoch']}, step {state['step']}, not the finished model", file=sys.stderr)
+    elif not state["complete"]:
+        print(f"hwaware: warning: {path} is an unfinished run (epoch {state['epoch']}, step {state['step']}); "
+              "its training did not complete", file=sys.stderr)
+    return state

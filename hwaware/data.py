@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hwaware.errors import HwawareError
 from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
+from hwaware.stopping import ignore_stop_signals_in_worker
 
-__all__ = ["build_dataset", "build_loader", "ResumableSampler", "SPLITS", "mix_seed", "has_split", "dataset_targets",
-           "stratified_sample", "image_ids"]
+__all__ = ["build_dataset", "build_loader", "build_run_loader", "ResumableSampler", "RepeatedAugmentationSampler", "SPLITS",
+           "mix_seed", "has_split", "dataset_targets", "stratified_sample", "image_ids"]
 
 SPLITS = ("train", "val", "test")
 # digits: a fixed stratified 70 / 15 / 15 split; the seed is part of the dataset, not of a run.
@@ -222,10 +223,10 @@ def _image_transform(space: SearchSpace, augment: bool, auto_augment: str | None
     from torchvision import transforms
 
     if augment:
-        return create_transform(
+        return _posterize_to_zero_bits(create_transform(
             space.img_size, is_training=True, auto_augment=auto_augment, re_prob=reprob, re_mode="pixel",
             interpolation="bicubic",
-        )
+        ))
     full = create_transform(space.img_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
     if not decoded:
         return full
@@ -234,6 +235,36 @@ def _image_transform(space: SearchSpace, augment: bool, auto_augment: str | None
     uint8 = transforms.Compose([*steps[: norm - 1], transforms.PILToTensor()])  # steps[norm - 1] is the to-float
     uint8.normalize = (tuple(float(m) for m in steps[norm].mean), tuple(float(v) for v in steps[norm].std))
     return uint8
+
+
+def _posterize(image, bits: int, **_op_settings):
+    """Keep the `bits` most significant bits of each channel; 0 bits is a black image.
+
+    timm's `PosterizeIncreasing` asks for 0 bits at magnitude 10, which `rand-m9-mstd0.5` reaches
+    (9 + N(0, 0.5) clipped to 10: 2.3 % of its posterize ops, 13 of 10,000 seeded draws of the
+    ImageNet recipe); Pillow 13 refuses 0 bits with a ValueError that kills the data worker.
+    Older Pillow returned black, which is what the TensorFlow policy (shift by 8 bits) and the
+    published recipes trained on.
+    """
+    from PIL import ImageOps
+
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    return ImageOps.posterize(image, bits)
+
+
+def _posterize_to_zero_bits(transform):
+    """Point every posterize op of timm's RandAugment, AugMix or AutoAugment in `transform` at `_posterize`
+    (found by timm's function, which all three Posterize variants call, not by a name older timm lacks)."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", None) or [op for policy in getattr(step, "policy", []) for op in policy]:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -463,9 +494,40 @@ class ResumableSampler(Sampler):
     def __len__(self) -> int:
         return max(len(self._indices()) - self.start, 0)
 
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Go on with `epoch` from its item `start`: a loader whose workers persist keeps its sampler."""
+        self.epoch, self.start = epoch, start
+
+
+class RepeatedAugmentationSampler(ResumableSampler):
+    """DeiT's repeated augmentation, resumable: each item of the epoch's permutation `repeats` times in a row,
+    dealt round-robin so its copies land on different ranks (on one rank: in one batch), each copy augmented
+    under its own seed. An epoch is as long as without repeats, so it sees about 1/`repeats` of the items,
+    `repeats` times each (Hoffer et al. 2020; DeiT and AutoFormer train ImageNet with 3).
+    """
+
+    def __init__(self, size: int, repeats: int, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
+        super().__init__(size, True, seed, epoch, rank, world_size, start)
+        self.repeats = repeats
+
+    def _keys(self) -> list[tuple[int, int]]:
+        """(index, copy) for this rank: slot g of the repeated permutation holds copy g % repeats of item g // repeats."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))).tolist()
+        total = -(-self.size // self.world_size) * self.world_size
+        return [(order[(g // self.repeats) % self.size], g % self.repeats)
+                for g in range(self.rank, total, self.world_size)]
+
+    def _indices(self) -> list[int]:
+        return [index for index, _ in self._keys()]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return ((self.epoch, index, copy) for index, copy in self._keys()[self.start :])
+
 
 class SeededItems(Dataset):
-    """Fetch item `index` of epoch `epoch` with python, numpy and torch RNGs seeded from (seed, epoch, index)."""
+    """Fetch item `index` of epoch `epoch` with python, numpy and torch RNGs seeded from (seed, epoch, index),
+    or from (seed, epoch, index, copy) for the copies of repeated augmentation."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -473,9 +535,9 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        item_seed = mix_seed(self.seed, epoch, index)
+    def __getitem__(self, key: tuple[int, ...]):
+        epoch, index, *copy = key
+        item_seed = mix_seed(self.seed, epoch, index, *copy)
         random.seed(item_seed)
         np.random.seed(item_seed % (1 << 32))
         torch.default_generator.manual_seed(item_seed)  # CPU only: torch.manual_seed also queues every accelerator (~0.5 ms)
@@ -524,6 +586,25 @@ def build_loader(
     sampler = ResumableSampler(len(dataset), shuffle, seed, epoch, rank, world_size, start_batch * batch_size)
     return DataLoader(
         SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory,
+        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals_in_worker,
     )
 
+
+
+def build_run_loader(dataset: Dataset, batch_size: int, shuffle: bool, *, seed: int = 0, rank: int = 0,
+                     world_size: int = 1, num_workers: int = 0, aug_repeats: int = 1,
+                     pin_memory: bool = False) -> DataLoader:
+    """A loader a training run keeps for all its epochs: worker processes start once and persist
+    (`persistent_workers`), and `loader.sampler.set_epoch(epoch, start_item)` moves it to the next epoch.
+
+    Shuffled: the order of `ResumableSampler` (or `RepeatedAugmentationSampler` with `aug_repeats` > 1),
+    whole batches only. Not shuffled: this rank's shard of every item, for validation.
+    """
+    if shuffle and aug_repeats > 1:
+        sampler: ResumableSampler = RepeatedAugmentationSampler(len(dataset), aug_repeats, seed, 0, rank, world_size)
+    else:
+        sampler = ResumableSampler(len(dataset), shuffle, seed, 0, rank, world_size)
+    return DataLoader(
+        SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=shuffle,
+        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
+    )

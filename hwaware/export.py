@@ -29,7 +29,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from hwaware.errors import HwawareError
-from hwaware.io import as_user_file, atomic_write_text, read_json
+from hwaware.io import as_user_file, atomic_write_text, loads_strict, read_json, read_text_file, utc_timestamp
 from hwaware.onnx_writer import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, write_onnx
 from hwaware.precision import EXPORT_PRECISIONS, Precision, check_mode, check_runs, get_precision
 from hwaware.quantize import check_accuracy_drop, compare_accuracy, quantize_onnx, quantized_file_name
@@ -123,6 +122,7 @@ def save_timm(model: nn.Module, arch: Arch, space: SearchSpace, folder: str | Pa
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     except SafetensorError as exc:  # safetensors reports I/O failures (a full disk) as its own error
         raise HwawareError(f"export: cannot write {folder / WEIGHTS_FILE} ({str(exc)[:160]})") from None
+    as_user_file(folder / WEIGHTS_FILE)  # safetensors writes 0600: a Triton container of another user could not read it
     atomic_write_text(folder / CONFIG_FILE, json.dumps(vit_config(arch, space), indent=2) + "\n")
 
 
@@ -133,9 +133,9 @@ def read_model_config(path: str | Path) -> tuple[Arch, SearchSpace]:
     if not config_path.is_file():
         raise HwawareError(f"{config_path.parent}: no {CONFIG_FILE}; export with --format timm to get a loadable model")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HwawareError(f"{config_path}: unreadable ({exc})") from None
+        config = loads_strict(read_text_file(config_path, "model config"))
+    except ValueError as exc:  # NaN and Infinity too: not JSON other tools read
+        raise HwawareError(f"{config_path}: unreadable ({str(exc)[:120]})") from None
     if not isinstance(config, dict) or config.get("architecture") != "hwaware_vit":
         raise HwawareError(f"{config_path}: not an hwaware model config (architecture must be 'hwaware_vit')")
     space = SearchSpace.from_dict(config.get("space"), source=f"{config_path}: space")
@@ -386,6 +386,27 @@ def write_triton_model(
     return folder
 
 
+def write_triton_per_gpu_model(
+    repository: Path, name: str, plans: dict[str, Path], io: dict, batch_sizes: tuple[int, ...]
+) -> Path:
+    """One Triton `tensorrt_plan` model holding a plan per GPU kind, `plans` keyed by compute capability ("7.5"):
+    Triton loads the one whose `cc_model_filenames` key is the GPU's capability, so one repository serves T4 and
+    A100 nodes alike. No default file: a GPU without its own plan refuses to load rather than run another's."""
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    entries = []
+    for capability, plan in sorted(plans.items()):
+        if not re.fullmatch(r"[0-9]{1,2}\.[0-9]", capability):
+            raise HwawareError(f"triton: {capability!r} is not a compute capability such as 7.5")
+        file = f"model.sm{capability.replace('.', '')}.plan"
+        shutil.copyfile(plan, folder / "1" / file)
+        entries.append(f'  {{\n    key: "{capability}"\n    value: "{file}"\n  }}')
+    config = triton_config(name, "tensorrt_plan", io, batch_sizes, True)
+    config += "cc_model_filenames [\n" + ",\n".join(entries) + "\n]\n"
+    atomic_write_text(folder / "config.pbtxt", config)
+    return folder
+
+
 def triton_name(out_dir: str | Path) -> str:
     """A Triton model name from the export folder's name (letters, digits, `_` and `-` only)."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(out_dir).resolve().name).strip("_")
@@ -608,9 +629,9 @@ def export_model(
 
 
 def _progress_bar(total: int):
-    from tqdm import tqdm
+    from hwaware.progress import progress
 
-    return tqdm(total=total, desc="export", disable=None)
+    return progress(total=total, desc="export", unit="stage", every=1)
 
 
 def _check_inputs(model, arch, space, card_extra, precision, quantize_mode, calibration_inputs, sample_inputs,
@@ -650,7 +671,7 @@ def _card_base(name: str, arch: Arch, space: SearchSpace, precision: str, batch_
 
     cost = arch_cost(arch, space)
     return {
-        "name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": name, "created": utc_timestamp(),
         "hwaware_version": hwaware.__version__, "space": space.name, "arch": arch.to_dict(),
         "arch_short": arch.short(), "params": cost.params, "flops": cost.flops, "precision": precision,
         "batch_sizes": list(batch_sizes), "onnx": None, "tensorrt": None, "triton": None,

@@ -10,6 +10,7 @@ to the file's folder, so a copied or moved project keeps working.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import yaml
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, read_text_file
+from hwaware.io import atomic_write_text, folder_lock, read_yaml
 
 PROJECT_FILE = "hwaware.yaml"
+LOCK_NAME = f".{PROJECT_FILE}.lock"
+LOCK_WAIT_SECONDS = 10.0  # another command updating it takes milliseconds
 PATH_FIELDS = ("checkpoint", "tables", "outputs")
 MAX_BYTES = 64 * 1024
 
@@ -56,12 +59,7 @@ def load_project(folder: str | Path = ".") -> Project | None:
     path = folder / PROJECT_FILE
     if not path.exists():
         return None
-    text = read_text_file(path, "project", max_bytes=MAX_BYTES)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HwawareError(f"project: {path} is unreadable ({str(exc).splitlines()[0][:120]})") from None
-    data = data or {}
+    data = read_yaml(path, "project", max_bytes=MAX_BYTES) or {}
     known = {f.name for f in fields(Project)} - {"folder"}
     if not isinstance(data, dict) or set(data) - known or not all(isinstance(v, str) for v in data.values()):
         raise HwawareError(f"project: {path} must map {', '.join(sorted(known))} to strings")
@@ -69,17 +67,30 @@ def load_project(folder: str | Path = ".") -> Project | None:
 
 
 def remember(folder: str | Path = ".", **values: str | Path | None) -> Project:
-    """Record `values` in the project file of `folder` (created if missing), keeping what it held."""
+    """Record `values` in the project file of `folder` (created if missing), keeping what it held. The read,
+    change and atomic write happen under a lock, so concurrent commands (three `hwaware init`) lose nothing."""
     folder = Path(folder)
-    project = load_project(folder) or Project(folder=folder)
-    for key, value in values.items():
-        if value is None:
-            continue
-        if key not in PATH_FIELDS:
-            setattr(project, key, str(value))
-            continue
-        path = Path(value)
-        setattr(project, key, path.as_posix() if path.is_absolute() else os.path.relpath(path, folder))
-    header = "# hwaware project: read by profile, search, export and bench for flags you leave out.\n"
-    atomic_write_text(project.path, header + yaml.safe_dump(project.to_dict(), sort_keys=False))
+    with folder_lock(folder, "project file", name=LOCK_NAME, wait=LOCK_WAIT_SECONDS):
+        project = load_project(folder) or Project(folder=folder)
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in PATH_FIELDS:
+                setattr(project, key, str(value))
+                continue
+            path = Path(value)
+            setattr(project, key, path.as_posix() if path.is_absolute() else os.path.relpath(path, folder))
+        header = "# hwaware project: read by profile, search, export and bench for flags you leave out.\n"
+        atomic_write_text(project.path, header + yaml.safe_dump(project.to_dict(), sort_keys=False))
     return project
+
+
+def remember_after_success(command: str, **values: str | Path | None) -> Project | None:
+    """`remember` for a command whose own work succeeded: a project file it cannot update (malformed, a
+    read-only folder) is one warning line, and the command keeps its success."""
+    try:
+        return remember(**values)
+    except (HwawareError, OSError) as exc:
+        reason = exc if isinstance(exc, HwawareError) else f"{exc.strerror or exc} ({exc.filename})"
+        print(f"hwaware {command}: warning: {PROJECT_FILE} not updated: {reason}", file=sys.stderr)
+        return None

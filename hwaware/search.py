@@ -2,26 +2,26 @@
 
 The search knows nothing of how an Arch is scored or priced: it takes a `fitness` callable
 (Arch -> validation top-1, 0..1) and named `costs` callables (Arch -> float), so a notebook, a
-test with a synthetic landscape and the CLI with a supernet checkpoint and a latency table all
+test with a synthetic landscape and the CLI with a supernet checkpoint and latency tables all
 drive the same code. Pure Python (no torch): every cost and score arrives through a callable.
 
-Several budgets at once (``--latency-ms 1,2,5``) run one evolution per budget, one after the
-other, sharing one evaluation cache. Why not one population for all budgets: each budget keeps
-exactly AutoFormer's algorithm (parents are the best Archs that fit *that* budget), and each
-budget's trajectory draws from its own RNG stream seeded by (seed, budget), so it is the same
-trajectory whether the budget is searched alone or beside others. The sharing is where the
-saving is: an Arch evaluated for the 5 ms budget is free for the 2 ms run, and the reported
-best for every budget is the best fitting Arch in the whole cache, so no evaluation is wasted.
+A search has one or more *cells*, each a set of budgets that must hold together: one per
+budget value (``latency_ms 1,2,5``), and for a fleet one per (target, budget), where a target's
+latency is its own cost (``latency_ms[cpu:int8]``). All cells share one evolution: each
+generation of `population` new Archs is split between the cells, and each cell breeds its
+share from the best Archs of the whole cache that fit it. Why one population: a subnet's
+accuracy does not depend on the target, only its price does, and budgets on correlated
+devices select overlapping subnets, so 12 cells cost the evaluations of one search rather
+than 12; the reported best for every cell is the best fitting Arch in the whole cache. With one
+cell it is exactly AutoFormer's algorithm.
 
 Constraints are enforced by rejection with a bounded number of tries, so a tight budget gives
 a short generation, never a hang; a budget no subnet can meet is refused before anything runs,
-with the cheapest cost the space reaches.
+with the cheapest cost the space reaches. Results are written by `hwaware.search_results`.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import itertools
 import json
 import math
@@ -32,79 +32,98 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from tqdm.auto import tqdm
-
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write, atomic_write_text
-from hwaware.space import Arch, SearchSpace, save_arch
+from hwaware.io import atomic_write_text
+from hwaware.progress import progress
+from hwaware.space import Arch, SearchSpace
 
 __all__ = [
-    "BUDGET_KINDS", "STATE_FILE", "Budget", "Constraints", "Evaluation", "EvolutionSearch", "SearchResult",
-    "parse_budgets", "standard_costs", "file_fingerprint", "candidates_frame", "pareto_metric", "pareto_frame", "pareto_figure_png",
-    "best_file", "summary_table", "write_results",
+    "BUDGET_KINDS", "STATE_FILE", "Budget", "BudgetKind", "Constraints", "Evaluation", "EvolutionSearch",
+    "SearchResult", "parse_budgets", "file_fingerprint", "cost_key",
 ]
-
-# budget name -> (the cost it bounds, True if it is a lower bound, unit shown to the user)
-BUDGET_KINDS: dict[str, tuple[str, bool, str]] = {
-    "latency_ms": ("latency_ms", False, "ms"),
-    "flops_g": ("flops_g", False, "GFLOPs"),
-    "params_m": ("params_m", False, "M params"),
-    "min_params_m": ("params_m", True, "M params"),
-}
-STATE_FILE = "search_state.json"
-ENUMERATE_UP_TO = 100_000  # subnets: below this a window's feasibility is decided by enumeration
-_STATE_FORMAT = "hwaware-search-state/1"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ---- budgets ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class BudgetKind:
+    """One kind of budget: the cost it bounds, whether it is a floor, its unit, and whether each target
+    prices it itself (latency) or every target shares it (FLOPs, params). A new kind is one entry below;
+    the CLI's budget flags are made from this list."""
+
+    name: str
+    metric: str
+    lower: bool
+    unit: str
+    per_target: bool
+    help: str
+
+
+BUDGET_KINDS: dict[str, BudgetKind] = {k.name: k for k in (
+    BudgetKind("latency_ms", "latency_ms", False, "ms", True,
+               "latency budget(s) in ms on every target (5 or 1,2,5), or per target (t4=5,cpu:int8=40)"),
+    BudgetKind("flops_g", "flops_g", False, "GFLOPs", False, "FLOPs budget(s) in G multiply-adds"),
+    BudgetKind("params_m", "params_m", False, "M params", False, "parameter budget(s) in millions"),
+    BudgetKind("min_params_m", "params_m", True, "M params", False, "lower bound on parameters (AutoFormer's window)"),
+)}
+STATE_FILE = "search_state.json"
+ENUMERATE_UP_TO = 100_000  # subnets: below this a window's feasibility is decided by enumeration
+_STATE_FORMAT = "hwaware-search-state/2"  # /2: one evolution shared by every cell
+
+
+def cost_key(metric: str, target: str | None) -> str:
+    """The name of a cost in a search's cost table: `latency_ms`, or `latency_ms[cpu:int8]` priced on a target."""
+    return metric if target is None else f"{metric}[{target}]"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+@dataclass(frozen=True)
 class Budget:
-    """One bound on one cost: `latency_ms <= 2`, or `params_m >= 0.05` for `min_params_m`."""
+    """One bound on one cost: `latency_ms <= 2`, `params_m >= 0.05` for `min_params_m`, or
+    `latency_ms[t4] <= 5` when `target` names the target whose table prices it."""
 
     name: str
     limit: float
+    target: str | None = None
 
     def __post_init__(self):
         if self.name not in BUDGET_KINDS:
             raise HwawareError(f"budget: unknown budget {self.name!r} (known: {', '.join(BUDGET_KINDS)})")
+        if self.target is not None and not BUDGET_KINDS[self.name].per_target:
+            raise HwawareError(f"budget {self.name}: the same on every target, it cannot name one ({self.target!r})")
         limit = self.limit
         if isinstance(limit, str):
             try:
                 limit = float(limit.strip())
             except ValueError:
-                raise HwawareError(f"{self.flag}: budget must be a positive number, got {self.limit!r}") from None
+                raise HwawareError(f"budget {self.name}: must be a positive number, got {self.limit!r}") from None
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
-            raise HwawareError(f"{self.flag}: budget must be a positive number, got {self.limit!r}")
+            raise HwawareError(f"budget {self.name}: must be a positive number, got {self.limit!r}")
         if limit <= 0:
-            raise HwawareError(f"{self.flag}: budget must be positive, got {limit:g}")
+            raise HwawareError(f"budget {self.name}: must be positive, got {limit:g}")
         object.__setattr__(self, "limit", float(limit))
 
-    @property
-    def flag(self) -> str:
-        return _flag(self.name)
+    kind = property(lambda self: BUDGET_KINDS[self.name])
+    metric = property(lambda self: self.kind.metric)
+    lower = property(lambda self: self.kind.lower)
+    unit = property(lambda self: self.kind.unit)
 
     @property
-    def metric(self) -> str:
-        return BUDGET_KINDS[self.name][0]
-
-    @property
-    def lower(self) -> bool:
-        return BUDGET_KINDS[self.name][1]
-
-    @property
-    def unit(self) -> str:
-        return BUDGET_KINDS[self.name][2]
+    def cost(self) -> str:
+        """The cost this budget bounds, as the search's cost table names it."""
+        return cost_key(self.metric, self.target)
 
     @property
     def label(self) -> str:
-        return f"{self.metric}{'>=' if self.lower else '<='}{self.limit:g}"
+        return f"{self.cost}{'>=' if self.lower else '<='}{self.limit:g}"
+
+    @property
+    def slug(self) -> str:
+        return (f"{_slug(self.target)}_" if self.target else "") + f"{self.name}-{self.limit:g}"
 
     def fits(self, value: float) -> bool:
         return value >= self.limit if self.lower else value <= self.limit
@@ -112,22 +131,23 @@ class Budget:
 
 @dataclass(frozen=True)
 class Constraints:
-    """Budgets that must all hold for one search target; the search returns one best Arch per target."""
+    """Budgets that must all hold together: one cell of the search, which returns one best Arch per cell."""
 
     budgets: tuple[Budget, ...]
 
     def __post_init__(self):
         budgets = tuple(self.budgets)
         if not budgets:
-            raise HwawareError("search: give at least one budget (" + ", ".join(map(_flag, BUDGET_KINDS)) + ")")
-        names = [b.name for b in budgets]
+            raise HwawareError("search: give at least one budget (" + ", ".join(BUDGET_KINDS) + ")")
+        names = [b.cost + ("<" if b.lower else ">") for b in budgets]
         if len(set(names)) != len(names):
-            raise HwawareError(f"search: budget {names[0]} given twice in one target")
-        by_name = {b.name: b for b in budgets}
-        if "min_params_m" in by_name and "params_m" in by_name and by_name["min_params_m"].limit > by_name["params_m"].limit:
-            raise HwawareError(
-                f"--min-params-m: {by_name['min_params_m'].limit:g} is above --params-m {by_name['params_m'].limit:g}"
-            )
+            raise HwawareError(f"search: budget {budgets[0].name} given twice in one cell")
+        floors = {b.cost: b for b in budgets if b.lower}
+        for ceiling in (b for b in budgets if not b.lower and b.cost in floors):
+            if floors[ceiling.cost].limit > ceiling.limit:
+                floor = floors[ceiling.cost]
+                raise HwawareError(f"budget {floor.name}: {floor.limit:g} is above budget {ceiling.name} "
+                                   f"{ceiling.limit:g}")
         object.__setattr__(self, "budgets", budgets)
 
     @classmethod
@@ -140,53 +160,96 @@ class Constraints:
 
     @property
     def slug(self) -> str:
-        """File-name friendly label: `latency_ms-2_params_m-0.5`."""
-        return "_".join(f"{b.name}-{b.limit:g}" for b in self.budgets)
+        """File-name friendly label: `latency_ms-2_params_m-0.5`, `cpu-int8_latency_ms-40`."""
+        return "_".join(b.slug for b in self.budgets)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The targets whose own costs this cell bounds: none, one, or every target (a subnet for all of them)."""
+        return tuple(dict.fromkeys(b.target for b in self.budgets if b.target is not None))
 
     def fits(self, costs: Mapping[str, float]) -> bool:
-        return all(b.fits(costs[b.metric]) for b in self.budgets)
+        return all(b.fits(costs[b.cost]) for b in self.budgets)
 
 
-def parse_budgets(values: Mapping[str, Any]) -> list[Constraints]:
-    """CLI budget values -> search targets.
+def _values(name: str, value: Any) -> list:
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(item, str) and not item.strip() for item in items):
+        raise HwawareError(f"budget {name}: must be a positive number or a comma list of them, got {value!r}")
+    return items
 
-    `values` maps a budget name to None (flag not given), a number, or a comma list such as
-    "1,2,5". Each combination of one value per given flag is one target, so
-    `--latency-ms 1,2,5 --params-m 0.1` gives three targets, each also bounded to 0.1 M params.
+
+def parse_budgets(values: Mapping[str, Any], targets: Sequence[str] = (), one_for_all: bool = False
+                  ) -> list[Constraints]:
+    """Budget values -> the search's cells.
+
+    `values` maps a budget name to None (not given), a number, or a comma list such as "1,2,5".
+    Each combination of one value per given budget is one cell, so `latency_ms 1,2,5, params_m 0.1`
+    gives three cells, each also bounded to 0.1 M params. With several `targets`, a per-target
+    budget (latency) is one cell per target and value; `t4=5,cpu:int8=40` bounds targets one by
+    one, a bare value every target not named. `one_for_all` adds, per budget rank, the cell whose
+    subnet meets every target's budget at once (one model served on the whole fleet).
     """
-    per_flag: list[list[Budget]] = []
+    targets = list(targets)
+    shared: list[list[Budget]] = []  # one list of choices per budget every cell shares
+    per_target: dict[str | None, list[list[Budget]]] = {}
     for name, value in values.items():
         if value is None:
             continue
         if name not in BUDGET_KINDS:
             raise HwawareError(f"budget: unknown budget {name!r} (known: {', '.join(BUDGET_KINDS)})")
-        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-        if not items or any(isinstance(item, str) and not item.strip() for item in items):
-            raise HwawareError(f"{_flag(name)}: budget must be a positive number or a comma list of them, got {value!r}")
-        budgets = [Budget(name, item) for item in items]
-        per_flag.append(list(dict.fromkeys(budgets)))
-    if not per_flag:
-        raise HwawareError("search: give at least one budget (" + ", ".join(map(_flag, BUDGET_KINDS)) + ")")
-    return [Constraints(combo) for combo in itertools.product(*per_flag)]
+        items = _values(name, value)
+        if not BUDGET_KINDS[name].per_target or len(targets) < 2:
+            named = [str(i).split("=", 1) for i in items if isinstance(i, str) and "=" in i]
+            for target, _ in named:
+                if not BUDGET_KINDS[name].per_target:
+                    raise HwawareError(f"budget {name}: the same on every target, it cannot name one "
+                                       f"({target.strip()[:40]!r})")
+                if target.strip() not in targets:
+                    raise HwawareError(f"budget {name}: names target {target.strip()!r}, which is not in this search"
+                                       + (f" (targets: {', '.join(targets)})" if targets else " (it has no targets)"))
+            items = [i.split("=", 1)[1] if isinstance(i, str) and "=" in i else i for i in items]
+            shared.append(list(dict.fromkeys(Budget(name, item) for item in items)))
+            continue
+        bare, named = [], {}
+        for item in items:
+            if isinstance(item, str) and "=" in item:
+                target, limit = (part.strip() for part in item.split("=", 1))
+                if target not in targets:
+                    raise HwawareError(f"budget {name}: names target {target!r}, which is not in this search "
+                                       f"(targets: {', '.join(targets)})")
+                named.setdefault(target, []).append(limit)
+            else:
+                bare.append(item)
+        for target in targets:
+            limits = named.get(target, bare)
+            if limits:
+                per_target.setdefault(target, []).append(
+                    list(dict.fromkeys(Budget(name, limit, target) for limit in limits)))
+    if not shared and not per_target:
+        raise HwawareError("search: give at least one budget (" + ", ".join(BUDGET_KINDS) + ")")
+    cells = ([Constraints(combo) for choices in per_target.values() for combo in itertools.product(*choices, *shared)]
+             if per_target else [Constraints(combo) for combo in itertools.product(*shared)])
+    if one_for_all:
+        cells += _one_for_all_cells(per_target, shared, targets)
+    return cells
 
 
-def standard_costs(space: SearchSpace, latency_ms: Callable[[Arch], float] | None = None) -> dict[str, Callable]:
-    """The costs every search reports: exact FLOPs (G) and params (M) from `hwaware.costs`, plus latency if given.
-
-    `latency_ms` is typically `LatencyTable.predict`. torch is imported here, not at module import.
-    """
-    from hwaware.costs import arch_cost
-
-    @functools.lru_cache(maxsize=1 << 16)
-    def counted(arch: Arch):  # one count serves both FLOPs and params
-        return arch_cost(arch, space)
-
-    costs: dict[str, Callable[[Arch], float]] = {}
-    if latency_ms is not None:
-        costs["latency_ms"] = latency_ms
-    costs["flops_g"] = lambda arch: counted(arch).flops / 1e9
-    costs["params_m"] = lambda arch: counted(arch).params / 1e6
-    return costs
+def _one_for_all_cells(per_target: dict, shared: list[list[Budget]], targets: list[str]) -> list[Constraints]:
+    """Per budget rank (the i-th value of every target), one cell bounding every target at once."""
+    if len(targets) < 2 or set(per_target) != set(targets):
+        raise HwawareError("search: one subnet for every target needs two or more targets, each with a latency "
+                           f"budget (targets: {', '.join(targets) or 'none'})")
+    cells = []
+    for kind_index in range(len(next(iter(per_target.values())))):
+        ranks = {len(choices[kind_index]) for choices in per_target.values()}
+        if len(ranks) != 1:
+            raise HwawareError("search: one subnet for every target pairs the targets' budgets by rank, so every "
+                               "target needs as many budget values")
+        for rank in range(ranks.pop()):
+            together = tuple(per_target[t][kind_index][rank] for t in targets)
+            cells += [Constraints(together + combo) for combo in itertools.product(*shared)]
+    return cells
 
 
 def all_subnets(space: SearchSpace) -> Iterator[Arch]:
@@ -214,17 +277,17 @@ def file_fingerprint(**paths: str | Path | None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One scored Arch and where it was first met: the generation and the target whose run evaluated it."""
+    """One scored Arch and where it was first met: the generation and the cell whose share bred it."""
 
     arch: Arch
     top1: float
     generation: int
-    target: str
+    cell: str
 
 
 @dataclass
 class _Run:
-    """The resumable state of one target's evolution: completed generations, what it visited, its RNG."""
+    """The resumable state of one cell's share of the evolution: completed generations, what it bred, its RNG."""
 
     generation: int
     visited: list[Arch]
@@ -238,27 +301,31 @@ class _Run:
 @dataclass
 class SearchResult:
     space: SearchSpace
-    targets: list[Constraints]
+    cells: list[Constraints]
     strategy: str
     seed: int
     evaluations: list[Evaluation]  # every unique Arch scored, in evaluation order
     costs: dict[Arch, dict[str, float]]  # every cost of every evaluated Arch
-    best: dict[str, Evaluation]  # target label -> best fitting Arch in the whole cache
+    best: dict[str, Evaluation]  # cell label -> best fitting Arch in the whole cache
     fitness_calls: int  # cache misses in this process (evaluations restored from a checkpoint are not counted)
+    cached_scores: int = 0  # of those, scores an accuracy cache served (set by whoever wrapped the fitness)
 
 
 class EvolutionSearch:
     """AutoFormer's evolution (or random search at equal evaluations) under budgets.
 
-    Generation 0 samples `population` fitting Archs at random. Each later generation keeps the
-    `parents` best Archs seen so far in this target's run, breeds `mutation_children` by mutation
-    (per layer with `layer_mutation_prob`, depth/embed dim with `global_mutation_prob`) and
-    `crossover_children` by crossover, and fills the rest of `population` at random. A child is
-    kept only if it fits the budgets and was not visited before, within `max_tries` attempts per
-    wanted child. `strategy="random"` samples every generation at random: the same number of
+    Each generation's `population` new Archs are shared out between the cells (the remainder
+    going round, one more cell per generation). Generation 0 samples each share of fitting Archs
+    at random. In each later generation a cell keeps as parents the `parents` best Archs of the
+    whole cache that fit it, breeds its share of `mutation_children` by mutation (per layer with
+    `layer_mutation_prob`, depth/embed dim with `global_mutation_prob`) and of
+    `crossover_children` by crossover, and fills the rest of its share at random. A child is kept
+    only if it fits the cell and is new to the cache, within `max_tries` attempts per wanted
+    child. `strategy="random"` samples every generation at random: the same number of
     evaluations, the baseline.
 
-    `fingerprint` (JSON-able, e.g. checkpoint and table paths with their sizes and mtimes) is
+    `warm_start` (Arch -> known top-1) puts every known Arch that fits a cell into its generation 0,
+    which then samples at random only what is left of its share. `fingerprint` (JSON-able, e.g. checkpoint and table paths with their sizes and mtimes) is
     stored in the resume checkpoint; a checkpoint with another fingerprint is refused, so cached
     scores of one supernet are never reused for another.
     """
@@ -283,18 +350,19 @@ class EvolutionSearch:
         seed: int = 0,
         progress: bool = True,
         fingerprint: Mapping[str, Any] | None = None,
+        warm_start: Mapping[Arch, float] | None = None,
     ):
         self.space, self.fitness, self.costs = space, fitness, dict(costs)
-        self.targets = [b if isinstance(b, Constraints) else Constraints.of(b) for b in budgets]
-        if not self.targets:
-            raise HwawareError("search: give at least one budget (" + ", ".join(map(_flag, BUDGET_KINDS)) + ")")
-        labels = [t.label for t in self.targets]
+        self.cells = [b if isinstance(b, Constraints) else Constraints.of(b) for b in budgets]
+        if not self.cells:
+            raise HwawareError("search: give at least one budget (" + ", ".join(BUDGET_KINDS) + ")")
+        labels = [t.label for t in self.cells]
         if len(set(labels)) != len(labels):
             raise HwawareError(f"search: budget {labels[0]} given twice")
-        for budget in (b for t in self.targets for b in t.budgets):
-            if budget.metric not in self.costs:
+        for budget in (b for t in self.cells for b in t.budgets):
+            if budget.cost not in self.costs:
                 raise HwawareError(
-                    f"{budget.flag}: no cost function for {budget.metric} (have: {', '.join(self.costs) or 'none'})"
+                    f"budget {budget.name}: no cost function for {budget.cost} (have: {', '.join(self.costs) or 'none'})"
                 )
         for name, value, low in (
             ("population", population, 1), ("generations", generations, 1), ("parents", parents, 1),
@@ -302,17 +370,17 @@ class EvolutionSearch:
             ("max_tries", max_tries, 1), ("feasibility_samples", feasibility_samples, 0), ("seed", seed, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise HwawareError(f"{_flag(name)}: must be an integer >= {low}, got {value!r}")
+                raise HwawareError(f"search {name}: must be an integer >= {low}, got {value!r}")
         if mutation_children + crossover_children > population:
             raise HwawareError(
-                f"--population: {population} is smaller than --mutation-children {mutation_children} "
-                f"+ --crossover-children {crossover_children}"
+                f"search population: {population} is smaller than mutation_children {mutation_children} "
+                f"+ crossover_children {crossover_children}"
             )
         for name, value in (("layer_mutation_prob", layer_mutation_prob), ("global_mutation_prob", global_mutation_prob)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise HwawareError(f"{_flag(name)}: must be a probability in 0..1, got {value!r}")
+                raise HwawareError(f"search {name}: must be a probability in 0..1, got {value!r}")
         if strategy not in ("evolution", "random"):
-            raise HwawareError(f"--strategy: must be 'evolution' or 'random', got {strategy!r}")
+            raise HwawareError(f"search strategy: must be 'evolution' or 'random', got {strategy!r}")
         self.population, self.generations, self.parents = population, generations, parents
         self.mutation_children, self.crossover_children = mutation_children, crossover_children
         self.layer_mutation_prob, self.global_mutation_prob = float(layer_mutation_prob), float(global_mutation_prob)
@@ -321,6 +389,10 @@ class EvolutionSearch:
         # What the scores and costs come from (checkpoint, table): a resumed cache must come from the same.
         self.fingerprint = dict(fingerprint or {})
         self._cost_memo: dict[Arch, dict[str, float]] = {}
+        self._witnesses: dict[str, list[Arch]] | None = None
+        # Archs whose score is already known (an accuracy cache): each cell's generation 0 takes all that fit it
+        # (free) before sampling at random, so a search for a new target starts from what earlier ones scored.
+        self.warm_start = sorted(warm_start or {}, key=lambda a: -warm_start[a])
 
     # ---- costs and feasibility ----------------------------------------------------------
     def arch_costs(self, arch: Arch) -> dict[str, float]:
@@ -337,71 +409,77 @@ class EvolutionSearch:
         return costs
 
     def check_feasible(self) -> dict[str, list[Arch]]:
-        """Refuse at once a budget no subnet meets; return, per target, probed Archs that meet it.
+        """Refuse at once a budget no subnet meets; return, per cell, probed Archs that meet it.
+
+        Decided once per search (the answer is kept): every cell is checked before anything runs,
+        so one infeasible cell refuses the whole search, naming its budget and the cheapest cost.
 
         The cheapest reachable cost is not assumed to be the smallest subnet's (a measured block
         with more heads can be faster): it is the minimum over the smallest and largest subnets,
         a per-layer descent for every budget (exact for costs that add up per layer, as latency
         tables, FLOPs and params do), and a random sample for costs that do not.
         """
+        if self._witnesses is not None:
+            return self._witnesses
         rng = random.Random(f"{self.seed}:feasibility")
-        metrics = dict.fromkeys((b.metric, b.lower) for t in self.targets for b in t.budgets)
+        metrics = dict.fromkeys((b.cost, b.lower) for t in self.cells for b in t.budgets)
         probes = list(dict.fromkeys(
             [self.space.smallest(), self.space.largest()]
             + [arch for metric, lower in metrics for arch in self._layerwise_extremes(metric, lower)]
             + [self.space.sample(rng) for _ in range(self.feasibility_samples)]
         ))
         witnesses = {}
-        for target in self.targets:
-            for budget in target.budgets:
+        for cell in self.cells:
+            for budget in cell.budgets:
                 pick = max if budget.lower else min
-                extreme = pick(probes, key=lambda a, m=budget.metric: self.arch_costs(a)[m])
-                value = self.arch_costs(extreme)[budget.metric]
+                extreme = pick(probes, key=lambda a, m=budget.cost: self.arch_costs(a)[m])
+                value = self.arch_costs(extreme)[budget.cost]
                 if not budget.fits(value):
                     reach = "the largest reaches" if budget.lower else "the cheapest reaches"
                     raise HwawareError(
-                        f"{budget.flag} {budget.limit:g}: no subnet of space {self.space.name} fits; "
+                        f"budget {budget.label}: no subnet of space {self.space.name} fits; "
                         f"{reach} {value:.4g} {budget.unit} ({extreme.short()})"
                     )
-            fitting = [a for a in probes if target.fits(self.arch_costs(a))]
+            fitting = [a for a in probes if cell.fits(self.arch_costs(a))]
             if not fitting:
-                fitting = self._find_in_window(target, probes)
-            witnesses[target.label] = fitting
+                fitting = self._find_in_window(cell, probes)
+            witnesses[cell.label] = fitting
+        self._witnesses = witnesses
         return witnesses
 
-    def _find_in_window(self, target: Constraints, probes: list[Arch]) -> list[Arch]:
-        """Fitting Archs for a target whose bounds are each reachable but not together (a window such as
+    def _find_in_window(self, cell: Constraints, probes: list[Arch]) -> list[Arch]:
+        """Fitting Archs for a cell whose bounds are each reachable but not together (a window such as
         --min-params-m 0.059 --params-m 0.06): every subnet where the space is small enough to enumerate
         (exact), else a descent from the nearest probes; refused in one line when none is found."""
         count = self.space.num_subnets()
         if count <= ENUMERATE_UP_TO:
-            fitting = [a for a in all_subnets(self.space) if target.fits(self.arch_costs(a))]
+            fitting = [a for a in all_subnets(self.space) if cell.fits(self.arch_costs(a))]
             if fitting:
                 return fitting
-            raise HwawareError(f"search: no subnet of space {self.space.name} meets {target.label} "
+            raise HwawareError(f"search: no subnet of space {self.space.name} meets {cell.label} "
                                f"(all {count:,} enumerated)")
-        found = self._descend_into(target, sorted(probes, key=lambda a: self._violation(target, a))[:8])
+        found = self._descend_into(cell, sorted(probes, key=lambda a: self._violation(cell, a))[:8])
         if found is None:
             raise HwawareError(
-                f"search: found no subnet of space {self.space.name} meeting {target.label} among {len(probes)} "
+                f"search: found no subnet of space {self.space.name} meeting {cell.label} among {len(probes)} "
                 f"probes and a descent from the nearest; the space ({count:.3g} subnets) is too large to "
                 "enumerate, so one may exist: widen the window")
         return [found]
 
-    def _violation(self, target: Constraints, arch: Arch) -> float:
-        """How far `arch` is outside `target`'s budgets, relative to each limit (0 when it fits)."""
+    def _violation(self, cell: Constraints, arch: Arch) -> float:
+        """How far `arch` is outside `cell`'s budgets, relative to each limit (0 when it fits)."""
         costs = self.arch_costs(arch)
-        return sum(max(0.0, (b.limit - costs[b.metric]) if b.lower else (costs[b.metric] - b.limit)) / b.limit
-                   for b in target.budgets)
+        return sum(max(0.0, (b.limit - costs[b.cost]) if b.lower else (costs[b.cost] - b.limit)) / b.limit
+                   for b in cell.budgets)
 
-    def _descend_into(self, target: Constraints, starts: list[Arch], max_steps: int = 200) -> Arch | None:
+    def _descend_into(self, cell: Constraints, starts: list[Arch], max_steps: int = 200) -> Arch | None:
         """A fitting Arch reached by greedy single changes (a layer's heads or ratio, depth, embed dim) that
         shrink the violation; for a window of lower and upper bounds, which the per-budget extremes
         above cannot prove empty or not. None if every start gets stuck outside."""
         space = self.space
         for arch in starts:
             for _ in range(max_steps):
-                if target.fits(self.arch_costs(arch)):
+                if cell.fits(self.arch_costs(arch)):
                     return arch
                 moves = [Arch(d, arch.num_heads, arch.mlp_ratios) for d in space.embed_dims]
                 for depth in space.depths:
@@ -411,8 +489,8 @@ class EvolutionSearch:
                 for i, (h, r) in itertools.product(range(arch.depth), itertools.product(space.num_heads, space.mlp_ratios)):
                     moves.append(Arch(arch.embed_dim, arch.num_heads[:i] + (h,) + arch.num_heads[i + 1:],
                                       arch.mlp_ratios[:i] + (r,) + arch.mlp_ratios[i + 1:]))
-                best = min(moves, key=lambda a: self._violation(target, a))
-                if self._violation(target, best) >= self._violation(target, arch):
+                best = min(moves, key=lambda a: self._violation(cell, a))
+                if self._violation(cell, best) >= self._violation(cell, arch):
                     break
                 arch = best
         return None
@@ -439,7 +517,7 @@ class EvolutionSearch:
 
     # ---- running ------------------------------------------------------------------------
     def run(self, checkpoint: str | Path | None = None, save_checkpoint: bool = True) -> SearchResult:
-        """Search every target; with `checkpoint`, resume from it if it exists and save it every generation.
+        """Search every cell; with `checkpoint`, resume from it if it exists and save it after each cell's share.
 
         Under torchrun every rank runs the same deterministic search (the fitness all-reduces),
         reads the same checkpoint, and only rank 0 passes `save_checkpoint=True`.
@@ -449,34 +527,47 @@ class EvolutionSearch:
         evaluations: dict[Arch, Evaluation] = {}
         runs: dict[str, _Run] = {}
         if checkpoint is not None and checkpoint.exists():
-            evaluations, runs = self._load_state(checkpoint)
+            evaluations, runs, self.warm_start = self._load_state(checkpoint)
+        for cell in self.cells:
+            runs.setdefault(cell.label, _Run(0, [], random.Random(f"{self.seed}:{cell.label}")))
         fitness_calls = 0
-        for target in self.targets:
-            run = runs.setdefault(target.label, _Run(0, [], random.Random(f"{self.seed}:{target.label}")))
-            bar = tqdm(total=self.generations, initial=run.generation, desc=f"{self.strategy} {target.label}",
-                       unit="gen", file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
-            with bar:
-                while run.generation < self.generations:
-                    children = self._next_generation(target, run, witnesses[target.label], evaluations)
+        done = min(run.generation for run in runs.values())
+        what = self.cells[0].label if len(self.cells) == 1 else f"{len(self.cells)} cells"
+        with progress(total=self.generations, initial=done, desc=f"{self.strategy} {what}", unit="gen",
+                      file=sys.stderr, disable=not self.progress, dynamic_ncols=True, every=1) as bar:
+            for generation in range(done, self.generations):
+                for cell, share in zip(self.cells, self._shares(generation), strict=True):
+                    run = runs[cell.label]
+                    if run.generation > generation:  # finished before a kill
+                        continue
+                    children = self._next_generation(cell, run, share, witnesses[cell.label], evaluations)
                     for arch in children:
                         if arch not in evaluations:
-                            evaluations[arch] = Evaluation(arch, self._score(arch), run.generation, target.label)
+                            evaluations[arch] = Evaluation(arch, self._score(arch), generation, cell.label)
                             fitness_calls += 1
                     run.visited.extend(children)
                     run.seen.update(children)
                     run.generation += 1
                     if checkpoint is not None and save_checkpoint:
                         self._save_state(checkpoint, evaluations, runs)
-                    if run.visited:
-                        bar.set_postfix(best=f"{max(evaluations[a].top1 for a in run.visited):.4f}",
-                                        evaluated=len(run.visited), refresh=False)
-                    bar.update()
+                if evaluations:
+                    bar.set_postfix(best=f"{max(e.top1 for e in evaluations.values()):.4f}",
+                                    evaluated=len(evaluations), refresh=False)
+                bar.update()
         ordered = list(evaluations.values())
         return SearchResult(
-            space=self.space, targets=list(self.targets), strategy=self.strategy, seed=self.seed,
+            space=self.space, cells=list(self.cells), strategy=self.strategy, seed=self.seed,
             evaluations=ordered, costs={e.arch: self.arch_costs(e.arch) for e in ordered},
-            best={t.label: self._best(ordered, t) for t in self.targets}, fitness_calls=fitness_calls,
+            best={t.label: self._best(ordered, t) for t in self.cells}, fitness_calls=fitness_calls,
         )
+
+    def _shares(self, generation: int) -> list[int]:
+        """Each cell's share of a generation's `population`; the remainder goes round the cells generation by
+        generation, so with more cells than `population` every cell still gets its turn."""
+        count = len(self.cells)
+        base, extra = divmod(self.population, count)
+        first = (generation * extra) % count
+        return [base + ((i - first) % count < extra) for i in range(count)]
 
     def _score(self, arch: Arch) -> float:
         value = self.fitness(arch)
@@ -484,19 +575,19 @@ class EvolutionSearch:
             raise HwawareError(f"fitness: returned {value!r} for {arch.short()}, expected a finite number")
         return float(value)
 
-    def _best(self, evaluations: list[Evaluation], target: Constraints) -> Evaluation:
+    def _best(self, evaluations: list[Evaluation], cell: Constraints) -> Evaluation:
         """Highest top-1 among cached Archs that fit; ties go to the lower first-budget cost, then the earlier."""
-        metric = target.budgets[0].metric
-        fitting = [e for e in evaluations if target.fits(self.arch_costs(e.arch))]
+        metric = cell.budgets[0].cost
+        fitting = [e for e in evaluations if cell.fits(self.arch_costs(e.arch))]
         return min(fitting, key=lambda e: (-e.top1, self.arch_costs(e.arch)[metric]))
 
     def _next_generation(
-        self, target: Constraints, run: _Run, witnesses: list[Arch], evaluations: Mapping[Arch, Evaluation]
+        self, cell: Constraints, run: _Run, share: int, witnesses: list[Arch], evaluations: Mapping[Arch, Evaluation]
     ) -> list[Arch]:
-        """The Archs this generation evaluates: new to this run, fitting the target, at most `population`."""
+        """The Archs this cell adds this generation: new to the cache, fitting the cell, at most `share`."""
         rng, space = run.rng, self.space
         children: list[Arch] = []
-        taken = set(run.seen)
+        taken = set(evaluations) | run.seen
 
         def breed(make: Callable[[], Arch], wanted: int) -> None:
             goal = len(children) + wanted
@@ -504,13 +595,14 @@ class EvolutionSearch:
                 if len(children) >= goal:
                     return
                 child = make()
-                if child not in taken and target.fits(self.arch_costs(child)):
+                if child not in taken and cell.fits(self.arch_costs(child)):
                     children.append(child)
                     taken.add(child)
 
-        if self.strategy == "evolution" and run.visited:
-            # Stable sort: ties keep visit order, so the parents are deterministic.
-            parents = sorted(run.visited, key=lambda a: -evaluations[a].top1)[: self.parents]
+        fitting = [a for a in evaluations if cell.fits(self.arch_costs(a))]
+        if self.strategy == "evolution" and run.visited and fitting and share:
+            # Stable sort: ties keep evaluation order, so the parents are deterministic.
+            parents = sorted(fitting, key=lambda a: -evaluations[a].top1)[: self.parents]
 
             def mutate() -> Arch:
                 return space.mutate(rng.choice(parents), rng, self.layer_mutation_prob, self.global_mutation_prob)
@@ -519,12 +611,17 @@ class EvolutionSearch:
                 a, b = rng.sample(parents, 2) if len(parents) > 1 else (parents[0], parents[0])
                 return space.crossover(a, b, rng)
 
-            breed(mutate, self.mutation_children)
-            breed(cross, self.crossover_children)
-        breed(lambda: space.sample(rng), self.population - len(children))
+            breed(mutate, round(self.mutation_children * share / self.population))
+            breed(cross, round(self.crossover_children * share / self.population))
+        if not run.visited:  # every known Arch that fits joins generation 0: its score costs nothing
+            for arch in self.warm_start:
+                if arch not in taken and cell.fits(self.arch_costs(arch)):
+                    children.append(arch)
+                    taken.add(arch)
+        breed(lambda: space.sample(rng), share - len(children))
         # Random sampling rarely hits a tight budget; the probed Archs known to fit top the generation up.
         for arch in witnesses:
-            if len(children) >= self.population:
+            if len(children) >= share:
                 break
             if arch not in taken:
                 children.append(arch)
@@ -539,7 +636,7 @@ class EvolutionSearch:
             "mutation_children": self.mutation_children, "crossover_children": self.crossover_children,
             "layer_mutation_prob": self.layer_mutation_prob, "global_mutation_prob": self.global_mutation_prob,
             "max_tries": self.max_tries, "feasibility_samples": self.feasibility_samples,
-            "targets": [t.label for t in self.targets], "costs": list(self.costs), "fingerprint": self.fingerprint,
+            "cells": [t.label for t in self.cells], "costs": list(self.costs), "fingerprint": self.fingerprint,
         }
         return json.loads(json.dumps(config))
 
@@ -549,9 +646,10 @@ class EvolutionSearch:
             "format": _STATE_FORMAT,
             "config": self._config(),
             "evaluations": [
-                {"arch": e.arch.to_dict(), "top1": e.top1, "generation": e.generation, "target": e.target}
+                {"arch": e.arch.to_dict(), "top1": e.top1, "generation": e.generation, "cell": e.cell}
                 for e in evaluations.values()
             ],
+            "warm_start": [arch.to_dict() for arch in self.warm_start],
             "runs": {
                 label: {"generation": run.generation, "visited": [index[a] for a in run.visited],
                         "rng": _rng_to_json(run.rng)}
@@ -560,7 +658,9 @@ class EvolutionSearch:
         }
         atomic_write_text(path, json.dumps(state))
 
-    def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run]]:
+    def _load_state(self, path: Path) -> tuple[dict[Arch, Evaluation], dict[str, _Run], list[Arch]]:
+        """Evaluations, each cell's run, and the warm start the search began with (a resumed search keeps it,
+        though the accuracy cache has grown since)."""
         from hwaware.io import loads_strict, read_text_file
 
         try:
@@ -574,26 +674,27 @@ class EvolutionSearch:
                     f"{path}: written by a different search (differs in {', '.join(differs)}); "
                     f"use another output folder or delete it"
                 )
-            labels = {t.label for t in self.targets}
+            labels = {t.label for t in self.cells}
             evaluations = {}
             for item in state["evaluations"]:
                 arch = self.space.validate(Arch.from_dict(item["arch"], source=str(path)))
                 top1, generation = _number(item["top1"], 0.0, 1.0), int(_number(item["generation"], 0, self.generations))
-                if item["target"] not in labels:
-                    raise ValueError(f"evaluation for unknown target {str(item['target'])[:40]!r}")
-                evaluations[arch] = Evaluation(arch, top1, generation, item["target"])
+                if item["cell"] not in labels:
+                    raise ValueError(f"evaluation for unknown cell {str(item['cell'])[:40]!r}")
+                evaluations[arch] = Evaluation(arch, top1, generation, item["cell"])
             archs = list(evaluations)
+            warm = [self.space.validate(Arch.from_dict(a, source=str(path))) for a in state["warm_start"]]
             runs = {}
             for label, r in state["runs"].items():
                 if label not in labels:
-                    raise ValueError(f"run for unknown target {str(label)[:40]!r}")
+                    raise ValueError(f"run for unknown cell {str(label)[:40]!r}")
                 visited = [archs[int(_number(i, 0, len(archs) - 1))] for i in r["visited"]]
                 runs[label] = _Run(int(_number(r["generation"], 0, self.generations)), visited, _rng_from_json(r["rng"]))
         except HwawareError:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise HwawareError(f"{path}: not a readable search checkpoint ({exc})") from None
-        return evaluations, runs
+        return evaluations, runs, warm
 
 
 def _number(value: Any, low: float, high: float) -> float:
@@ -614,110 +715,3 @@ def _rng_from_json(data: list) -> random.Random:
     return rng
 
 
-# ---- outputs ----------------------------------------------------------------------------------
-
-
-def candidates_frame(result: SearchResult) -> pd.DataFrame:
-    """One row per evaluated Arch: the Arch, top-1, every cost, where it was found, and whether it fits each target."""
-    rows = []
-    for e in result.evaluations:
-        costs = result.costs[e.arch]
-        row = {"arch": e.arch.to_json(), "short": e.arch.short(), "top1": e.top1, **costs,
-               "generation": e.generation, "found_by": e.target}
-        row.update({f"fits[{t.label}]": t.fits(costs) for t in result.targets})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def pareto_metric(result: SearchResult) -> str:
-    """The cost the trade-off is drawn against: latency when the search priced it, else the first budget's."""
-    names = next(iter(result.costs.values())).keys() if result.costs else ()
-    return "latency_ms" if "latency_ms" in names else result.targets[0].budgets[0].metric
-
-
-def pareto_frame(candidates: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The non-dominated rows: no other Arch is at least as accurate and at most as costly (one strictly)."""
-    ordered = candidates.sort_values([metric, "top1"], ascending=[True, False], kind="stable")
-    keep, best = [], -math.inf
-    for index, top1 in ordered["top1"].items():
-        if top1 > best:
-            keep.append(index)
-            best = top1
-    return ordered.loc[keep].reset_index(drop=True)
-
-
-def pareto_figure_png(result: SearchResult, candidates: pd.DataFrame, front: pd.DataFrame, metric: str) -> bytes:
-    """Accuracy against `metric`: every candidate, the front, each budget on that metric, each chosen Arch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    points = ax.scatter(candidates[metric], candidates["top1"] * 100, c=candidates["generation"], cmap="viridis",
-                        s=10, alpha=0.55, linewidths=0, label=f"candidates ({len(candidates)})")
-    fig.colorbar(points, ax=ax, label="generation")
-    ax.step(front[metric], front["top1"] * 100, where="post", color="black", lw=1.2, label="Pareto front")
-    budget_limits = dict.fromkeys(b.limit for t in result.targets for b in t.budgets if b.metric == metric)
-    for i, limit in enumerate(budget_limits):
-        ax.axvline(limit, color="tab:red", ls="--", lw=1, label="budget" if i == 0 else None)
-    for label, e in result.best.items():
-        x = result.costs[e.arch][metric]
-        ax.scatter([x], [e.top1 * 100], marker="*", s=180, color="tab:red", edgecolors="black", zorder=5)
-        ax.annotate(label, (x, e.top1 * 100), textcoords="offset points", xytext=(6, -12), fontsize=8)
-    ax.set_xlabel(metric.replace("_", " "))
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"{result.space.name}: {result.strategy} search, seed {result.seed}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
-
-
-def best_file(target: Constraints) -> str:
-    return f"best_{target.slug}.yaml"
-
-
-def write_results(result: SearchResult, out_dir: str | Path) -> list[Path]:
-    """Write best_<budget>.yaml per target, candidates.csv, pareto.csv and pareto.png, each atomically.
-
-    Everything is rendered in memory first, so a failure while plotting or formatting leaves
-    no new file behind; each write is temp-then-rename, so none is ever half there.
-    """
-    out_dir = Path(out_dir)
-    metric = pareto_metric(result)
-    candidates = candidates_frame(result)
-    front = pareto_frame(candidates, metric)
-    rendered = {
-        "candidates.csv": candidates.to_csv(index=False).encode(),
-        "pareto.csv": front.to_csv(index=False).encode(),
-        "pareto.png": pareto_figure_png(result, candidates, front, metric),
-    }
-    written = []
-    for target in result.targets:
-        e = result.best[target.label]
-        path = out_dir / best_file(target)
-        save_arch(e.arch, path, space=result.space.name, budget=target.label, top1=e.top1,
-                  costs=result.costs[e.arch], strategy=result.strategy, seed=result.seed)
-        written.append(path)
-    for name, data in rendered.items():
-        atomic_write(out_dir / name, lambda tmp, data=data: tmp.write_bytes(data))
-        written.append(out_dir / name)
-    return written
-
-
-def summary_table(result: SearchResult) -> str:
-    """The terminal summary: one line per target with its best Arch, top-1 and costs."""
-    names = list(next(iter(result.costs.values())).keys())
-    header = ["budget", "best arch", "top1", *names]
-    rows = [
-        [label, e.arch.short(), f"{e.top1 * 100:.2f}%", *(f"{result.costs[e.arch][n]:.4g}" for n in names)]
-        for label, e in result.best.items()
-    ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{result.strategy} search, seed {result.seed}: {len(result.evaluations)} Archs evaluated "
-                 f"({result.fitness_calls} fitness calls in this run)")
-    return "\n".join(lines)

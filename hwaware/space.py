@@ -544,18 +544,9 @@ def save_arch(arch: Arch, path: str | Path, **extra: Any) -> None:
 
 def _read_yaml(path: str | Path) -> Any:
     """A small YAML file (space, Arch, recipe): FIFOs, devices and files over 1 MiB are refused unread."""
-    from hwaware.io import read_text_file
+    from hwaware.io import read_yaml
 
-    path = Path(path)
-    text = read_text_file(path, "yaml", max_bytes=1 << 20)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise HwawareError(f"{path}: malformed YAML{where}") from None
-    except ValueError as exc:  # a number of thousands of digits: Python's int() refuses it
-        raise HwawareError(f"{path}: malformed YAML ({str(exc)[:80]})") from None
+    return read_yaml(path, "yaml")
 
 
 BUILTIN_SPACES: dict[str, SearchSpace] = _builtin_spaces()

@@ -24,12 +24,11 @@ import json
 import logging
 import math
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write, atomic_write_text, read_json
+from hwaware.io import atomic_write, atomic_write_text, read_json, utc_timestamp
 from hwaware.precision import PRECISIONS as ALL_PRECISIONS
 from hwaware.precision import check_runs
 
@@ -216,7 +215,7 @@ def build_plan(
         **environment, "precision": precision, "strongly_typed": not weakly_typed, "input": network_input.name,
         "input_shape": [-1, *sample_shape], "batch_min": low, "batch_opt": opt, "batch_max": high,
         "workspace_bytes": workspace_bytes, "layer_precisions": audit,
-        "onnx": Path(onnx_path).name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "onnx": Path(onnx_path).name, "built": utc_timestamp(),
     }
     return plan, metadata
 

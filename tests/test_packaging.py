@@ -57,5 +57,5 @@ def test_a_folder_of_your_own_profiles_adds_devices_and_a_malformed_one_is_one_l
     assert estimate.returncode == 0, estimate.stderr
     assert (tmp_path / "t" / "edge-onnxruntime-fp32-digits-b1-estimated.csv").is_file()
     broken = run(installed, tmp_path, "profile", "--device", "broken", "--space", "digits", env=env)
-    assert broken.returncode == 2 and "broken.yaml: not valid YAML" in broken.stderr
+    assert broken.returncode == 2 and "broken.yaml: malformed YAML" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1

@@ -99,9 +99,9 @@ def test_search_export_bench(run_cli, checkpoint, tables, tmp_path):
 @pytest.mark.parametrize(
     "budget, message",
     [
-        (["--latency-ms", "0"], "--latency-ms"),
-        (["--latency-ms", "-1"], "--latency-ms"),
-        (["--latency-ms", "fast"], "--latency-ms"),
+        (["--latency-ms", "0"], "budget latency_ms"),
+        (["--latency-ms", "-1"], "budget latency_ms"),
+        (["--latency-ms", "fast"], "budget latency_ms"),
         (["--latency-ms", "0.001"], "the cheapest reaches"),
         (["--params-m", "0.0001"], "the cheapest reaches"),
     ],

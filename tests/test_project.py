@@ -83,3 +83,44 @@ def test_the_projects_device_prices_latency_budgets_only_and_never_overrides_a_t
     err = capsys.readouterr().err
     assert "from hwaware.yaml: checkpoint missing.pt" in err and "device" not in err.splitlines()[0]
     assert "missing.pt: no such file" in err.splitlines()[1]
+
+
+def test_a_refused_command_leaves_the_project_file_as_it_was(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    remember(space="animals", device="t4", checkpoint="mine/last.pt")
+    before = (tmp_path / PROJECT_FILE).read_text()
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["pipeline", "--out", "afile"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / PROJECT_FILE).read_text() == before
+
+
+def test_concurrent_updates_lose_nothing(tmp_path):
+    fields = {"space": "digits", "device": "cpu", "tables": "t", "outputs": "o", "checkpoint": "c/last.pt"}
+    code = "import sys; from hwaware.project import remember; remember(**{sys.argv[1]: sys.argv[2]})"
+    writers = [subprocess.Popen([sys.executable, "-c", code, k, v], cwd=tmp_path) for k, v in fields.items()]
+    assert [w.wait(timeout=120) for w in writers] == [0] * len(fields)
+    assert load_project(tmp_path).to_dict() == fields
+
+
+@pytest.mark.parametrize("spoil", ["malformed", "a folder"])
+def test_a_command_that_cannot_record_the_project_keeps_its_success(tmp_path, monkeypatch, capsys, spoil):
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_autoformer import FIXTURES, SPACE_FILE, official_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    if spoil == "malformed":
+        (tmp_path / PROJECT_FILE).write_text("space: [unclosed\n")
+    else:
+        (tmp_path / PROJECT_FILE).mkdir()
+    weights = {n.removeprefix("model."): t.float() for n, t in load_file(FIXTURES / "autoformer_tiny.safetensors").items()
+               if n.startswith("model.")}
+    args = json.loads((FIXTURES / "autoformer_tiny.json").read_text())["args"]
+    ckpt = official_checkpoint(tmp_path / "c.pth", weights, args)
+    status = main(["import", "autoformer", str(ckpt), "--space", str(SPACE_FILE), "--out", "imported"])
+    captured = capsys.readouterr()
+    assert status == 0 and "hwaware import: warning: hwaware.yaml not updated" in captured.err
+    assert "records space" not in captured.out and (tmp_path / "imported" / "last.pt").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hwaware.search import standard_costs
+from hwaware.pipeline import standard_costs
 from hwaware.space import get_space
 from hwaware.train import make_config, train_supernet
 

@@ -19,6 +19,7 @@ def space_and_arch(draw):
     return space, space.sample(random.Random(draw(st.integers(0, 2**32 - 1))))
 
 
+@settings(deadline=None)  # each example writes (and fsyncs) a file: its time is the disk's, not the code's
 @given(space_and_arch())
 def test_arch_round_trips_through_yaml_and_json(tmp_path_factory, pair):
     space, arch = pair

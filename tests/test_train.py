@@ -213,6 +213,12 @@ def test_train_cli_bad_input(tmp_path, capsys):
     assert main(["train", "--space", "digits", "--data", f"imagefolder:{tmp_path}/none", "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing claimed for a failed start
+    if not torch.cuda.is_available():
+        assert main(["train", "--space", "digits", "--data", "digits", "--out", str(tmp_path / "z"),
+                     "--compute-device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "asked for CUDA but none is available" in err
+        assert not (tmp_path / "z").exists()
 
 
 # ---- fixed-subnet training and fine-tuning ------------------------------------------------------
@@ -353,9 +359,10 @@ def test_mixed_precision_step_on_cuda(amp):
 @pytest.mark.parametrize("overrides, message", [
     ({"seed": -1}, "seed: must be >= 0"),
     ({"min_lr": 1.0, "lr": 0.01}, "min_lr: 1 is above the peak lr 0.01"),
-    ({"device": "mps"}, "device: 'mps' is not auto, cpu, cuda or cuda:N"),
+    ({"compute_device": "mps"}, "compute_device: 'mps' is not auto, cpu, cuda or cuda:N"),
     ({"num_workers": 100000}, "num_workers: 100000 data-loader processes"),
-    ({"batch_size": 100000}, "batch_size: 100000 x 1 ranks exceeds the 1257 training images"),
+    ({"batch_size": 60000}, "batch_size: 60000 x 1 ranks x 1 accumulated exceeds the 1257 training images"),
+    ({"global_batch": 96, "batch_size": 64}, "global_batch: 96 is not a multiple of batch_size 64 x 1 ranks"),
 ])
 def test_refused_settings_write_nothing_so_the_corrected_command_runs(tmp_path, overrides, message):
     out = tmp_path / "run"
@@ -367,13 +374,13 @@ def test_refused_settings_write_nothing_so_the_corrected_command_runs(tmp_path, 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import math
 
-    real = SupernetTrainer.train_step
+    real = SupernetTrainer.accumulated_step
 
-    def diverges_at_step_3(self, images, targets):
-        loss = real(self, images, targets)
+    def diverges_at_step_3(self, batches):
+        loss = real(self, batches)
         return math.nan if self.step == 3 else loss
 
-    monkeypatch.setattr(SupernetTrainer, "train_step", diverges_at_step_3)
+    monkeypatch.setattr(SupernetTrainer, "accumulated_step", diverges_at_step_3)
     out = tmp_path / "run"
     with pytest.raises(HwawareError, match="the loss became nan at step 3 .* keeps the last good state"):
         train_supernet(make_config(**{**TINY, "checkpoint_every": 2}, out=str(out)))
@@ -389,3 +396,180 @@ def test_a_last_pt_of_another_run_is_not_resumed(tmp_path, tiny_run):
     shutil.copy(tiny_run / "last.pt", out / "last.pt")  # ... and a checkpoint of another run
     with pytest.raises(HwawareError, match="was written by another run \\(epochs: "):
         train_supernet(make_config(**{**TINY, "epochs": 1}, out=str(out)))
+
+
+# ---- the ImageNet recipe at scale (issue 16) -----------------------------------------------------
+
+
+def test_imagenet_recipe_randaugment_survives_10000_draws(monkeypatch):
+    """timm's PosterizeIncreasing asks for 0 bits at magnitude 10 (m9 + N(0, 0.5) clipped): Pillow 13 raised
+    ValueError there, 13 times in these 10,000 draws before the fix; a 0-bit posterize is now black."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    import hwaware.data as data
+    from hwaware.train import RECIPES
+
+    zero_bits = []
+    real = data._posterize
+
+    def counting(image, bits, **kwargs):
+        zero_bits.append(bits == 0)
+        return real(image, bits, **kwargs)
+
+    monkeypatch.setattr(data, "_posterize", counting)
+    space = replace(get_space("autoformer-t"), img_size=16)
+    transform = data._image_transform(space, True, RECIPES["imagenet"]["auto_augment"], RECIPES["imagenet"]["reprob"])
+    (randaugment,) = [t for t in transform.transforms if type(t).__name__ == "RandAugment"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    failures = 0
+    for i in range(10_000):
+        seed = data.mix_seed(0, 0, i)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        try:
+            randaugment(image)
+        except ValueError:
+            failures += 1
+    assert failures == 0
+    assert sum(zero_bits) >= 1  # the draws did reach the case that crashed
+
+
+def test_zero_bit_posterize_is_black_and_others_are_pillows():
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from hwaware.data import _posterize
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert not np.asarray(_posterize(image, 0)).any()
+    assert np.array_equal(np.asarray(_posterize(image, 3)), np.asarray(ImageOps.posterize(image, 3)))
+    assert _posterize(image, 8) is image
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_auto_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, expected):
+    from hwaware.train import _amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as on a V100, which emulates it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert _amp_dtype("auto", torch.device("cuda", 0)) == expected
+    assert _amp_dtype("auto", torch.device("cpu")) is None and _amp_dtype("off", torch.device("cuda", 0)) is None
+
+
+def test_repeated_augmentation_deals_copies_to_different_ranks_and_resumes():
+    from hwaware.data import RepeatedAugmentationSampler, ResumableSampler, SeededItems
+
+    size, repeats, world = 12, 3, 4
+    shards = [list(RepeatedAugmentationSampler(size, repeats, seed=5, epoch=2, rank=r, world_size=world))
+              for r in range(world)]
+    assert [len(s) for s in shards] == [len(ResumableSampler(size, True, world_size=world, rank=r)) for r in range(world)]
+    copies: dict[int, list[tuple[int, int]]] = {}
+    for rank, shard in enumerate(shards):
+        for epoch, index, copy in shard:
+            assert epoch == 2
+            copies.setdefault(index, []).append((rank, copy))
+    assert len(copies) == size // repeats  # an epoch as long as without repeats: a third of the items, 3 times each
+    for held in copies.values():
+        assert sorted(c for _, c in held) == [0, 1, 2] and len({r for r, _ in held}) == 3  # 3 ranks, 3 seeds
+    sampler = RepeatedAugmentationSampler(size, repeats, seed=5, epoch=2, rank=1, world_size=world)
+    sampler.set_epoch(2, start=1)
+    assert list(sampler) == shards[1][1:]
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return size
+
+        def __getitem__(self, i):
+            return float(torch.rand(()))
+
+    items = SeededItems(Noisy(), seed=0)
+    assert items[(2, 4, 0)] != items[(2, 4, 1)] and items[(2, 4, 1)] == items[(2, 4, 1)]
+
+
+def test_accumulated_micro_batches_step_as_one_batch():
+    config = make_config(strategy="uniform", warmup_epochs=0, lr=3e-3, clip_grad=0.0)
+    images, labels = next(iter(build_loader("digits", ONE_SUBNET, "train", 32)))
+    whole = SupernetTrainer(config, ONE_SUBNET, 50)
+    whole.train_step(images, labels)
+    split = SupernetTrainer(config, ONE_SUBNET, 50)
+    split.accumulated_step([(images[:16], labels[:16]), (images[16:], labels[16:])])
+    # The gradient the step took (left in .grad until the next step): equal up to float summation order.
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+    assert split.step == 1
+
+
+def test_global_batch_accumulates_and_identity_keeps_older_runs(tmp_path):
+    out = tmp_path / "run"
+    row = train_supernet(make_config(**{**TINY, "epochs": 1, "batch_size": 64, "global_batch": 256,
+                                        "val_images": 100}, out=str(out)))
+    assert row["step"] == 1257 // 64 // 4  # 19 micro-batches: 4 whole steps of 4
+    base = make_config(**TINY).identity(DIGITS)
+    assert not {"global_batch", "aug_repeats", "val_images"} & set(base)  # a run.json from before still matches
+    assert make_config(**TINY, aug_repeats=3).identity(DIGITS)["aug_repeats"] == 3
+    with pytest.raises(HwawareError, match="aug_repeats: must be at least 1"):
+        make_config(aug_repeats=0)
+
+
+def test_validation_subset_is_fixed_and_bounded():
+    from hwaware.train import validation_subset
+
+    data = build_loader("digits", DIGITS, "val", 8).dataset.dataset
+    subset = validation_subset(data, 100)
+    assert len(subset) == 100 and list(subset.indices) == sorted(subset.indices)
+    assert list(validation_subset(data, 100).indices) == list(subset.indices)
+    assert validation_subset(data, 0) is data and validation_subset(data, 10**6) is data
+
+
+def test_imagenet_recipe_is_autoformers():
+    config = make_config("imagenet")
+    assert (config.strategy, config.aug_repeats, config.global_batch, config.lr) == ("uniform", 3, 1024, 1e-3)
+    assert config.accumulation(8) == 1 and config.accumulation(2) == 4 and config.accumulation(1) == 8
+    with pytest.raises(HwawareError, match="global_batch: 1024 is not a multiple of batch_size 128 x 3 ranks"):
+        config.accumulation(3)
+
+
+def test_train_logs_lines_not_bars_off_a_terminal_and_takes_the_old_device_flag(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--space", "digits", "--data", "digits", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "256", "--strategy", "uniform", "--threads", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err  # no redrawn frames, no cursor codes
+    assert err.count("--device is deprecated") == 1 and "--compute-device now" in err
+    lines = err.splitlines()
+    assert any(line.startswith("epoch 1/1: 100% 4/4 step  loss=") for line in lines), err
+    assert any(line.startswith("epoch 1/1  loss ") for line in lines)
+
+
+def test_progress_off_a_terminal_is_a_line_per_tenth_and_a_bar_on_one():
+    import io
+
+    from hwaware.progress import LineProgress, progress
+
+    log = io.StringIO()
+    with progress(total=40, initial=4, desc="epoch 2/9", unit="step", file=log) as bar:
+        for i in range(36):
+            bar.set_postfix(loss=f"{i:.1f}", refresh=False)
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 9  # 8, 12, ..., 40: resumed at 4, so 9 of the 10 tenths
+    assert lines[0].startswith("epoch 2/9: 20% 8/40 step  loss=3.0  ") and "left" in lines[0]
+    assert lines[-1].startswith("epoch 2/9: 100% 40/40 step  loss=35.0  ") and "left" not in lines[-1]
+    log = io.StringIO()
+    assert list(progress(range(3), desc="gen", file=log, every=1)) == [0, 1, 2]
+    assert [line.split(":")[1].split()[1] for line in log.getvalue().splitlines()] == ["1/3", "2/3", "3/3"]
+    silent = io.StringIO()
+    with progress(total=5, file=silent, disable=True) as bar:
+        bar.update(5)
+    assert silent.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not isinstance(progress(total=3, file=Terminal()), LineProgress)  # tqdm's bar where someone watches

@@ -8,9 +8,11 @@ is registered; `COMMAND_ORDER` only fixes the order `hwaware --help` lists them 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import traceback
 import warnings
@@ -47,18 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure is one line on stderr: exit 2 for bad input and failed I/O,
-    1 for an unexpected error (its traceback with --debug or HWAWARE_DEBUG=1), 130 for Ctrl-C."""
+    1 for an unexpected error (its traceback with --debug or HWAWARE_DEBUG=1), 130 for Ctrl-C and 143
+    for SIGTERM (128 + the signal: a scheduler's preemption; the rerun resumes)."""
+    from hwaware.stopping import Stopped, stop_signals_handled
+
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     prefix = f"hwaware {args.command}"
     try:
-        args.func(args)
-        sys.stdout.flush()
+        with stop_signals_handled():
+            args.func(args)
+            sys.stdout.flush()
     except HwawareError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Stopped as exc:
+        what = "interrupted" if exc.signum == signal.SIGINT else f"stopped by {signal.Signals(exc.signum).name}"
+        saved = f" after writing {exc.saved}" if exc.saved else ""
+        print(f"{prefix}: {what}{saved}; run the same command again to resume", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside the handled block (a notebook's own handler)
         print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `hwaware ... | head`: the reader left; nothing to say
@@ -66,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except OSError as exc:
+        if _out_of_memory(exc):
+            return _say_out_of_memory(prefix, exc)
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"{prefix}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except Exception as exc:  # the last line of defence: one line, never a traceback unless asked
+        if _out_of_memory(exc):
+            return _say_out_of_memory(prefix, exc)
         if args.debug or os.environ.get("HWAWARE_DEBUG"):
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -77,6 +92,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+_OUT_OF_MEMORY = ("cannot allocate memory", "failed to map segment", "bad_alloc", "can't allocate memory",
+                  "out of memory", "not enough memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or what a library says instead: a shared object that cannot be mapped under
+    `ulimit -v` (ImportError), std::bad_alloc or torch's allocator failing (RuntimeError)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return isinstance(exc, MemoryError) or (isinstance(exc, (ImportError, RuntimeError, OSError))
+                                            and any(s in str(exc).lower() for s in _OUT_OF_MEMORY))
+
+
+def _say_out_of_memory(prefix: str, exc: BaseException) -> int:
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    print(f"{prefix}: out of memory ({type(exc).__name__}{': ' + detail if detail else ''}); free memory, raise the "
+          "limit (ulimit -v, the container's) or use a smaller batch", file=sys.stderr)
+    return 1
 
 
 def fill_from_project(args: argparse.Namespace, command: str, flags: dict[str, str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -49,8 +50,10 @@ def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def deprecated_device(args: argparse.Namespace, command: str) -> None:
-    """`evaluate --device` (a torch device) predates `--compute-device`: honoured, with one warning line."""
+    """`train --device` and `evaluate --device` (a torch device) predate `--compute-device`: honoured, with one
+    warning line."""
     if getattr(args, "torch_device", None) is not None:
-        print(f"hwaware {command}: warning: --device is deprecated here; it names the compute device, which is "
-              "--compute-device now (--device means a latency device profile elsewhere)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one warning
+            print(f"hwaware {command}: warning: --device is deprecated here; it names the compute device, which is "
+                  "--compute-device now (--device means a latency device profile elsewhere)", file=sys.stderr)
         args.compute_device = args.torch_device

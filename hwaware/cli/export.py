@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from hwaware.cli import bounded, fill_from_project
 from hwaware.cli._scoring import add_scoring_flags, scoring_options
@@ -13,6 +14,8 @@ from hwaware.precision import EXPORT_PRECISIONS, PRECISIONS, QUANT_MODES
 def cmd_export(args: argparse.Namespace) -> None:
     from hwaware.pipeline import export_checkpoint
 
+    if args.from_search is not None:
+        return cmd_export_fleet(args)
     flags = {"checkpoint": "checkpoint", "tables": "tables", **({"device": "device"} if args.table is None else {})}
     filled = fill_from_project(args, "export", flags, required=("checkpoint",))
     args.tables = args.tables or "latency_tables"
@@ -35,9 +38,44 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"{row['float_top1']:.4f} float ({-row['drop_points']:+.2f} points), top-1 agreement {row['agreement']:.4f}")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from hwaware.pipeline import bench_export
+def cmd_export_fleet(args: argparse.Namespace) -> None:
+    """--from-search: every cell of a fleet search for its own target."""
+    from hwaware.errors import HwawareError
+    from hwaware.pipeline import export_fleet
 
+    given = [flag for flag, value in (("--arch", args.arch), ("--table", args.table), ("--device", args.device),
+                                      ("--precision", args.precision != "fp32" or None),
+                                      ("--format", args.format != "timm,onnx,triton" or None)) if value is not None]
+    if given:
+        raise HwawareError(f"--from-search exports each cell for its own target's table; drop {', '.join(given)}")
+    manifest = export_fleet(args.from_search, args.out, checkpoint=args.checkpoint, batch_sizes=args.batch_sizes,
+                            force=args.force, data=args.data, scoring=scoring_options(args))
+    for cell in manifest["cells"]:
+        line = f"  {cell['folder']}: {cell['target']}, {', '.join(cell['formats'])} ({cell['precision']})"
+        if cell.get("per_gpu_plans"):
+            line += f"; one Triton model with plans for compute capability {', '.join(cell['per_gpu_plans'])}"
+        print(line)
+        for note in [*cell["warnings"], *cell.get("per_gpu_skipped", [])]:
+            print(f"    {note}")
+    print(f"exported {len(manifest['cells'])} cells to {args.out}; Triton repository {args.out}/triton "
+          f"({len(manifest['triton'])} models)")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from hwaware.pipeline import FLEET_EXPORT_FILE, bench_export, bench_fleet
+
+    if (Path(args.dir) / FLEET_EXPORT_FILE).is_file():
+        fleet = bench_fleet(args.dir)
+        if args.json:
+            print(json.dumps(fleet))
+            return
+        for r in fleet["ran"]:
+            predicted = f"; predicted {r['predicted_ms']:.4f} ms ({100 * r['error']:+.1f} %)" if "predicted_ms" in r else ""
+            print(f"{r['folder']} on {r['target']}: {r['backend']} {r['precision']} batch {r['batch_size']}: measured "
+                  f"{r['measured_ms']:.4f} ms ({r['statistic']}){predicted}")
+        for where, reason in fleet["skipped"]:
+            print(f"{where}: skipped ({reason})")
+        return
     fill_from_project(args, "bench", {"device": "device", "tables": "tables"})
     args.device, args.tables = args.device or "cpu", args.tables or "latency_tables"
     r = bench_export(args.dir, args.device, backend=args.backend, batch_size=args.batch, table=args.table,
@@ -79,6 +117,9 @@ def register(sub) -> None:
     export.add_argument("--device", help="device whose latency table gives the card's predicted latency")
     export.add_argument("--table", help="a latency table CSV (instead of --device)")
     export.add_argument("--tables", help="folder of latency tables (default: the project's, else latency_tables/)")
+    export.add_argument("--from-search", dest="from_search", metavar="DIR",
+                        help="a fleet search's folder: export every cell for its target (TensorRT engine, INT8 ONNX, "
+                             "...), one folder per cell, plus one Triton repository holding them all")
     export.add_argument("--force", action="store_true", help="replace an existing export folder")
     add_scoring_flags(export, images_help="images of each split the card's top-1 is measured on, a class-stratified "
                       "draw (default: all up to 10,000; or all)")

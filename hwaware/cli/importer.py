@@ -19,10 +19,10 @@ def cmd_import_autoformer(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/{CHECKPOINT_FILE}")
     from pathlib import Path
 
-    from hwaware.project import PROJECT_FILE, remember
+    from hwaware.project import PROJECT_FILE, remember_after_success
 
-    remember(space=args.space, checkpoint=Path(args.out) / CHECKPOINT_FILE)
-    print(f"{PROJECT_FILE} records space {args.space} and this checkpoint for search and export")
+    if remember_after_success("import", space=args.space, checkpoint=Path(args.out) / CHECKPOINT_FILE):
+        print(f"{PROJECT_FILE} records space {args.space} and this checkpoint for search and export")
     if source["retrained_arch"] is not None:
         print(f"wrote {args.out}/{ARCH_FILE} (the retrained subnet; evaluate uses it by default)")
 

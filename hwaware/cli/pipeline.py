@@ -11,12 +11,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwaware.pipeline import run_pipeline
-    from hwaware.project import PROJECT_FILE, remember
+    from hwaware.project import PROJECT_FILE, remember_after_success
 
     out = Path(args.out)
-    remember(space="digits", checkpoint=out / "supernet" / "last.pt", tables=out / "latency_tables", device="cpu",
-             outputs=out)  # first, so an interrupted pipeline has left its project file too
-    result = run_pipeline(args.out, latency_ms=args.latency_ms, progress=not args.quiet)
+
+    def record() -> None:  # once the folder is claimed (a refused --out changes nothing), before the long work
+        remember_after_success("pipeline", space="digits", checkpoint=out / "supernet" / "last.pt",
+                               tables=out / "latency_tables", device="cpu", outputs=out)
+
+    result = run_pipeline(args.out, latency_ms=args.latency_ms, progress=not args.quiet, claimed=record)
     total = sum(result["seconds"].values())
     print(f"pipeline done in {total:.0f} s: budget {result['budget_ms']:g} ms, "
           f"test top-1 {result['card']['test_top1']:.4f}, measured {result['bench']['measured_ms']:.4f} ms, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hwaware.bounds import MEASUREMENT
 from hwaware.cli import bounded, fill_from_project
 from hwaware.errors import HwawareError
 from hwaware.io import folder_lock
@@ -14,8 +15,9 @@ def _print_validation(label: str, v: dict) -> None:
     if not v or not v.get("n"):
         print(f"{label}: no held-out subnets")
         return
+    tau = "n/a (needs 2 subnets)" if v.get("kendall_tau") is None else f"{v['kendall_tau']:.3f}"
     print(f"{label}: n={v['n']}  MAPE {100 * v['mape']:.2f}%  within 5% {100 * v['within_5pct']:.0f}%  "
-          f"within 10% {100 * v['within_10pct']:.0f}%  Kendall tau {v['kendall_tau']:.3f}")
+          f"within 10% {100 * v['within_10pct']:.0f}%  Kendall tau {tau}")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -135,14 +137,14 @@ def register(sub) -> None:
     prof.add_argument("--space", help="built-in space name or YAML file (default: the project's)")
     prof.add_argument("--out", help="folder for the table (default: the project's tables, else latency_tables/)")
     prof.add_argument("--seed", type=bounded(int, 0), help="seed for piece order and calibration subnets (default 0)")
-    prof.add_argument("--threads", type=bounded(int, 1, 1024), help="intra-op threads (default: the profile's)")
-    prof.add_argument("--warmup", type=bounded(int, 0, 100000), help="warm-up runs per item")
-    prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, 1, 1000000), help="minimum timed runs per item")
-    prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, 0, 3600), help="minimum seconds of timed runs per item")
-    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, 2, 1000),
+    prof.add_argument("--threads", type=bounded(int, *MEASUREMENT["threads"]), help="intra-op threads (default: the profile's)")
+    prof.add_argument("--warmup", type=bounded(int, *MEASUREMENT["warmup"]), help="warm-up runs per item")
+    prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, *MEASUREMENT["min_repeats"]), help="minimum timed runs per item")
+    prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, *MEASUREMENT["min_time_s"]), help="minimum seconds of timed runs per item")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, 2, MEASUREMENT["fit_subnets"][1]),
                       help="whole subnets the correction is fitted on (at least 3; --recalibrate, --transfer-from: "
                            "default 10, --transfer-from from 2)")
-    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, 0, 1000),
+    prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, *MEASUREMENT["holdout_subnets"]),
                       help="held-out subnets it is validated on (--recalibrate, --transfer-from: default 10)")
     prof.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
                       help="GPU: time replays of a captured CUDA graph (torch, tensorrt); recorded in the table")

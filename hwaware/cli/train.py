@@ -3,33 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from hwaware.bounds import TRAINING
 from hwaware.cli import bounded
 from hwaware.io import dumps_strict
 
-_TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "seed", "checkpoint_every", "num_workers",
-                "device", "threads", "init_from", "distill")
+_TRAIN_FLAGS = ("space", "data", "out", "strategy", "num_random", "epochs", "batch_size", "global_batch", "lr", "min_lr",
+                "warmup_epochs", "weight_decay", "drop_path", "clip_grad", "ema_decay", "amp", "aug_repeats", "seed",
+                "checkpoint_every", "num_workers", "val_images", "compute_device", "threads", "init_from", "distill")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import os
-
+    from hwaware.cli._scoring import deprecated_device
     from hwaware.space import get_space, resolve_arch
     from hwaware.train import make_config, train_supernet, val_summary
 
+    deprecated_device(args, "train")
     arch = resolve_arch(args.arch, get_space(args.space)) if args.arch else None
     config = make_config(args.recipe, **{k: getattr(args, k) for k in _TRAIN_FLAGS}, arch=arch, progress=not args.quiet)
+    _check_open_files(config.num_workers)
     row = train_supernet(config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         from pathlib import Path
 
-        from hwaware.project import PROJECT_FILE, remember
+        from hwaware.project import PROJECT_FILE, remember_after_success
 
-        remember(space=args.space, checkpoint=Path(config.out) / "last.pt")
-        print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
+        if remember_after_success("train", space=args.space, checkpoint=Path(config.out) / "last.pt"):
+            print(f"{PROJECT_FILE} records space {args.space} and checkpoint {config.out}/last.pt for search and export")
         print(f"{config.out}: epoch {row['epoch']}/{config.epochs}, val top-1 {val_summary(row)}; "
               f"checkpoint {config.out}/last.pt, metrics {config.out}/metrics.csv")
+
+
+def _check_open_files(workers: int) -> None:
+    """Loader workers hand batches over as file descriptors: under a tiny `ulimit -n` they fail with a
+    traceback in a worker and the training hangs. Raise the soft limit where the hard one allows, else say so."""
+    import resource
+
+    from hwaware.errors import HwawareError
+
+    needed = 24 + 4 * workers  # measured: 2 workers train under 32, not under 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not workers or soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(hard, 4 * needed), hard))
+        return
+    raise HwawareError(f"workers: {workers} data-loader processes need at least {needed} open files, and the limit "
+                       f"(ulimit -n) is {hard}; raise it or train with --workers 0")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -70,25 +91,40 @@ def register(sub) -> None:
     train.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                        help="sandwich: distil smaller subnets from the largest; --arch --init-from: from the "
                        "supernet's largest (default on)")
-    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling (default: the recipe's; "
-                       "--arch trains one subnet)")
-    train.add_argument("--num-random", dest="num_random", type=bounded(int, 0, 64), help="sandwich: random subnets per step")
-    train.add_argument("--epochs", type=bounded(int, 1, 100000))
-    train.add_argument("--batch-size", dest="batch_size", type=bounded(int, 1, 65536), help="per process")
-    train.add_argument("--lr", type=bounded(float, 0, 10), help="peak learning rate (AdamW, cosine with warm-up)")
-    train.add_argument("--min-lr", dest="min_lr", type=bounded(float, 0, 10))
-    train.add_argument("--warmup-epochs", dest="warmup_epochs", type=bounded(float, 0, 100000))
-    train.add_argument("--weight-decay", dest="weight_decay", type=bounded(float, 0, 100))
-    train.add_argument("--drop-path", dest="drop_path", type=bounded(float, 0, 0.99))
-    train.add_argument("--clip-grad", dest="clip_grad", type=bounded(float, 0), help="max gradient norm (0: off)")
-    train.add_argument("--ema-decay", dest="ema_decay", type=bounded(float, 0, 0.99999), help="keep an EMA of the weights (0: off)")
-    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA")
-    train.add_argument("--seed", type=bounded(int, 0))
-    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=bounded(int, 0), help="steps between checkpoints")
-    train.add_argument("--workers", dest="num_workers", type=bounded(int, 0, 256), help="data loader processes")
-    train.add_argument("--device", help="auto, cpu, cuda (default auto)")
-    train.add_argument("--threads", type=bounded(int, 1, 1024), help="CPU threads for torch (default: torch's)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--strategy", choices=["uniform", "sandwich"], help="subnet sampling: uniform = one random "
+                       "subnet per step (AutoFormer; the imagenet recipe), sandwich = largest + smallest + --num-random "
+                       "random ones (digits, animals), 3.07x uniform's FLOPs per step on autoformer-t; --arch trains "
+                       "one subnet")
+    train.add_argument("--num-random", dest="num_random", type=bounded(int, *TRAINING["num_random"]), help="sandwich: random subnets per step")
+    train.add_argument("--epochs", type=bounded(int, *TRAINING["epochs"]))
+    train.add_argument("--batch-size", dest="batch_size", type=bounded(int, *TRAINING["batch_size"]), help="per process and "
+                       "micro-batch")
+    train.add_argument("--global-batch", dest="global_batch", type=bounded(int, *TRAINING["global_batch"]),
+                       help="images per optimizer step over all processes, reached by gradient accumulation (imagenet: "
+                       "1024, the batch its --lr is for: 8 GPUs x 128, or 2 x 128 x 4 accumulated); 0 = batch x "
+                       "processes. With another global batch, scale --lr by the same factor")
+    train.add_argument("--lr", type=bounded(float, *TRAINING["lr"]), help="peak learning rate (AdamW, cosine with warm-up)")
+    train.add_argument("--min-lr", dest="min_lr", type=bounded(float, *TRAINING["min_lr"]))
+    train.add_argument("--warmup-epochs", dest="warmup_epochs", type=bounded(float, *TRAINING["warmup_epochs"]))
+    train.add_argument("--weight-decay", dest="weight_decay", type=bounded(float, *TRAINING["weight_decay"]))
+    train.add_argument("--drop-path", dest="drop_path", type=bounded(float, *TRAINING["drop_path"]))
+    train.add_argument("--clip-grad", dest="clip_grad", type=bounded(float, *TRAINING["clip_grad"]), help="max gradient norm (0: off)")
+    train.add_argument("--ema-decay", dest="ema_decay", type=bounded(float, *TRAINING["ema_decay"]), help="keep an EMA of the weights (0: off)")
+    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA (auto: bf16 on "
+                       "compute capability 8.0+, fp16 with a grad scaler before, e.g. V100, T4)")
+    train.add_argument("--aug-repeats", dest="aug_repeats", type=bounded(int, *TRAINING["aug_repeats"]), help="repeated augmentation: "
+                       "copies of each image per epoch, on different processes (imagenet: 3; 1 = off)")
+    train.add_argument("--seed", type=bounded(int, *TRAINING["seed"]))
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=bounded(int, *TRAINING["checkpoint_every"]), help="steps between checkpoints")
+    train.add_argument("--workers", dest="num_workers", type=bounded(int, *TRAINING["num_workers"]), help="data loader processes per "
+                       "process and loader, started once and kept for the whole run")
+    train.add_argument("--val-images", dest="val_images", type=bounded(int, *TRAINING["val_images"]), help="validate each epoch on this "
+                       "many val images, a fixed class-stratified draw (imagenet: 10000; 0 = all)")
+    train.add_argument("--compute-device", dest="compute_device", help="torch device: auto (this rank's GPU if any, "
+                       "else cpu), cpu, cuda, cuda:N (default auto)")
+    train.add_argument("--device", dest="torch_device", help=argparse.SUPPRESS)  # deprecated: --compute-device
+    train.add_argument("--threads", type=bounded(int, *TRAINING["threads"]), help="CPU threads for torch (default: torch's)")
+    train.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="top-1 / top-5 of one subnet of a trained supernet")

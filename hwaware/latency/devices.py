@@ -7,15 +7,15 @@ roofline `--estimate` scales. Users add a device by adding a file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hwaware import bounds
 from hwaware.errors import HwawareError
-from hwaware.io import read_text_file
+from hwaware.io import excerpt, read_yaml
 from hwaware.precision import BACKENDS, PRECISIONS
 
 
@@ -54,8 +54,12 @@ class MeasureSettings:
             defaults = cls()
             settings = cls(**{k: (v if v is None or k == "cuda_graph" else type(getattr(defaults, k) or 0)(v))
                               for k, v in data.items()})
-        except (TypeError, ValueError) as exc:
-            raise HwawareError(f"{source}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise HwawareError(f"{source}: {str(exc)[:120]}") from None
+        for name, (low, high) in bounds.MEASUREMENT.items():
+            value = getattr(settings, name)
+            if value is not None and not (math.isfinite(value) and low <= value <= high):
+                raise HwawareError(f"{source}: {name} must be in {low}..{high}, got {excerpt(data.get(name, value))}")
         if settings.min_repeats < 1 or settings.warmup < 0 or settings.min_time_s < 0 or settings.max_repeats < 1:
             raise HwawareError(f"{source}: warmup >= 0, min_repeats >= 1, max_repeats >= 1 and min_time_s >= 0")
         if settings.statistic not in ("median", "min"):
@@ -141,11 +145,7 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
     path = _profile_path(name, root)
     if not path.is_file():
         raise HwawareError(f"device: {path}: no such profile file")
-    text = read_text_file(path, "device", max_bytes=1 << 20)  # a FIFO or a huge file is refused unread
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HwawareError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "device")  # a FIFO, a huge or deep file, malformed YAML: one line
     if not isinstance(data, dict) or "match" not in data:
         raise HwawareError(f"{path}: a device profile needs at least name, match, backend and precision")
     match = data.get("match") or {}
@@ -159,7 +159,7 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
         raise HwawareError(f"{path}: match.kind must be cpu or cuda")
     try:
         cc = match.get("compute_capability")
-        return DeviceProfile(
+        profile = DeviceProfile(
             name=str(data.get("name") or path.stem),
             description=str(data.get("description", "")),
             kind=match["kind"],
@@ -176,8 +176,23 @@ def load_device_profile(name: str, root: str | Path | None = None) -> DeviceProf
             memory_bandwidth=float(peak.get("memory_bandwidth") or 0.0),
             path=str(path),
         )
-    except (TypeError, ValueError, IndexError) as exc:
-        raise HwawareError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise HwawareError(f"{path}: {str(exc)[:120]}") from None
+    _check_figures(profile, path)
+    return profile
+
+
+def _check_figures(profile: DeviceProfile, path: Path) -> None:
+    """Peaks a roofline divides by must be positive (a negative one inverts the ranking search prices
+    with), batch sizes within the CLI's bounds."""
+    for precision, flops in profile.peak_flops.items():
+        if not (math.isfinite(flops) and flops > 0):
+            raise HwawareError(f"{path}: peak.flops.{precision} must be a positive FLOP/s figure, got {flops:g}")
+    if not (math.isfinite(profile.memory_bandwidth) and profile.memory_bandwidth >= 0):
+        raise HwawareError(f"{path}: peak.memory_bandwidth must be a positive bytes/s figure (or left out), "
+                           f"got {profile.memory_bandwidth:g}")
+    if not profile.batch_sizes or not all(1 <= b <= 65536 for b in profile.batch_sizes):
+        raise HwawareError(f"{path}: batch_sizes must be integers in 1..65536")
 
 
 @dataclass(frozen=True)

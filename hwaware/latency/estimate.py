@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from hwaware.errors import HwawareError
+from hwaware.io import utc_timestamp
 from hwaware.latency.devices import DeviceProfile, find_present, list_profiles, load_device_profile
 from hwaware.latency.profile import space_pieces
 from hwaware.latency.table import COLUMNS, LatencyTable, table_name, validation_metrics
@@ -444,7 +444,7 @@ def estimate_table(device: str, space: str | SearchSpace, backend: str | None = 
     meta = {
         "device": target.name, "description": target.description, "backend": backend, "precision": precision,
         "batch_size": batch, "space": space.name, "space_def": space.to_dict(), "estimated": True,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "statistic": "median",
+        "date": utc_timestamp(), "statistic": "median",
         "estimate": estimate,
         "calibration": {"scale": 1.0, "per_piece": 0.0, "intercept": 0.0, "model": "identity (estimate)"},
         "validation": {},

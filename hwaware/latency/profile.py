@@ -16,14 +16,13 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import atomic_write_text, read_json
+from hwaware.io import atomic_write_text, open_regular, read_json, utc_timestamp
 from hwaware.latency.backends import Backend, environment, get_backend
 from hwaware.latency.devices import DeviceProfile, MeasureSettings, find_present, load_device_profile
 from hwaware.latency.protocol import Stats, time_interleaved
@@ -86,7 +85,7 @@ class PartialLog:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
+            with open_regular(self.path, "r+b") as f:
                 f.truncate(len(data))
         lines = data.decode().splitlines()
         if not lines:
@@ -97,7 +96,7 @@ class PartialLog:
 
     def append(self, rows: list[dict]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
+        with open_regular(self.path, "a") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             if new:
                 writer.writeheader()
@@ -153,7 +152,7 @@ class Profiler:
         self.audit_path.unlink(missing_ok=True)
         if self.log.path.exists():  # a log without its run info cannot be trusted to match
             self.log.path.unlink()
-        info = {"config": self.config(), "started": _now(), "environment": environment(self.backend)}
+        info = {"config": self.config(), "started": utc_timestamp(), "environment": environment(self.backend)}
         atomic_write_text(self.run_info_path, json.dumps(info, indent=1) + "\n")
         return []
 
@@ -187,7 +186,7 @@ class Profiler:
     def _row(kind: str, key: str, stats: Stats, seconds: float, attempt=0, drifted=False, ratio=1.0) -> dict:
         return {"kind": kind, "key": key, **{k: f"{v:.6g}" for k, v in stats.to_dict().items()}, "attempt": attempt,
                 "drifted": int(drifted), "anchor_ratio": f"{ratio:.4f}", "seconds": f"{seconds:.3f}",
-                "load": f"{os.getloadavg()[0]:.2f}", "time": _now()}
+                "load": f"{os.getloadavg()[0]:.2f}", "time": utc_timestamp()}
 
     def _segment(self, items: list[_Item], phase: str, anchors: list[float]) -> list[dict]:
         """Export and load `items`, then time them interleaved with the anchor; time them again
@@ -224,7 +223,7 @@ class Profiler:
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Measure what is missing, then write the finished table; returns its path."""
-        from tqdm import tqdm
+        from hwaware.progress import progress
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         done = self._start_or_resume()
@@ -237,7 +236,7 @@ class Profiler:
         }
         total = len(self.pieces) + len(self.subnets)
         remaining = sum(len(v) for v in todo.values())
-        with tqdm(total=total, initial=total - remaining, desc=f"profile {self.csv_path.stem}", unit="item",
+        with progress(total=total, initial=total - remaining, desc=f"profile {self.csv_path.stem}", unit="item",
                   disable=not self.progress, file=None) as bar:
             for phase, items in todo.items():
                 step = max(1, self.settings.anchor_every)
@@ -275,7 +274,7 @@ class Profiler:
         meta = {
             "device": self.profile.name, "description": self.profile.description, "backend": self.backend.name,
             "precision": self.backend.precision, "batch_size": self.batch_size, "space": self.space.name,
-            "space_def": self.space.to_dict(), "estimated": False, "started": info["started"], "finished": _now(),
+            "space_def": self.space.to_dict(), "estimated": False, "started": info["started"], "finished": utc_timestamp(),
             "environment": info["environment"], "settings": self.settings.to_dict(), "seed": self.seed,
             "backend_settings": self.backend.settings(), "calibration": Calibration().to_dict(),
             "statistic": self.settings.statistic,
@@ -372,10 +371,6 @@ def _layer_shares(audits: dict[str, dict]) -> dict:
     total = sum(counts.values())
     return {"engines": len(audits), "layers": round(total),
             "shares": {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_backend(profile: DeviceProfile, backend: str | None, precision: str | None, threads: int | None,

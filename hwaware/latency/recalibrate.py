@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hwaware.errors import HwawareError
-from hwaware.io import file_sha256
+from hwaware.io import file_sha256, utc_timestamp
 from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
@@ -54,13 +54,12 @@ def warn_if_other_host(table: LatencyTable, command: str = "hwaware") -> None:
 def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: list[Arch], settings: MeasureSettings,
                     progress: bool = True, desc: str = "subnets") -> list[float]:
     """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms."""
-    from tqdm import tqdm
-
+    from hwaware.progress import progress as progress_bar
     from hwaware.vit import build_vit
 
     measured = []
     with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
-        for arch in tqdm(archs, desc=desc, disable=not progress, file=sys.stderr):
+        for arch in progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr):
             x = torch.randn(batch, space.in_chans, space.img_size, space.img_size)
             runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
             measured.append(time_runner(runner, settings).reading(settings.statistic))
@@ -83,7 +82,7 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
     measured = measure_subnets(backend, table.space, table.batch_size, archs, settings, progress,
                                desc=f"validate {Path(csv_path).stem}")
     return {**validation_metrics(measured, [table.predict(a) for a in archs]), "seed": seed,
-            "statistic": settings.statistic, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "statistic": settings.statistic, "date": utc_timestamp()}
 
 
 def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 10, holdout_subnets: int = 10,
@@ -126,7 +125,7 @@ def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 
             "from": str(csv_path), "from_csv_sha256": file_sha256(csv_path),
             "previous_environment": table.meta.get("environment"), "previous_calibration": table.meta.get("calibration"),
             "validation_before": validation_metrics([measured[i] for i in held], before),
-            "seed": seed, "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seed": seed, "seconds": round(seconds, 1), "date": utc_timestamp(),
             "subnets": [{"arch": a.to_dict(), "measured_ms": m, "piece_sum_ms": s,
                          "split": "fit" if i < fit_subnets else "holdout"}
                         for i, (a, m, s) in enumerate(zip(archs, measured, sums))],

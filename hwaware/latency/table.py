@@ -176,6 +176,7 @@ class LatencyTable:
         csv_path = Path(csv_path)
         data = self.rows[COLUMNS].to_csv(index=False, float_format="%.6g").encode()
         self.meta.update(format=FORMAT, complete=True, rows=len(self.rows), csv_sha256=hashlib.sha256(data).hexdigest())
+        self.meta["sidecar_sha256"] = _sidecar_sha256(self.meta)
         atomic_write(csv_path, lambda tmp: tmp.write_bytes(data))
         atomic_write_text(sidecar_path(csv_path), dumps_strict(self.meta, indent=1, sort_keys=False) + "\n")
         self.path = csv_path
@@ -216,7 +217,12 @@ class LatencyTable:
         if list(rows.columns) != COLUMNS or len(rows) != meta["rows"]:
             raise HwawareError(f"latency table: {csv_path} has {len(rows)} rows/columns unlike its sidecar")
         _check_rows(rows, csv_path)
-        return cls(rows, meta, csv_path)
+        table = cls(rows, meta, csv_path)
+        fastest_ms, fastest = table.cheapest()
+        if not fastest_ms > 0:
+            raise HwawareError(f"latency table: sidecar {side}: its calibration predicts {fastest_ms:.4g} ms for "
+                               f"{fastest.short()}; a correction must keep every prediction positive")
+        return table
 
     def __repr__(self) -> str:
         v = self.validation
@@ -247,6 +253,20 @@ def _check_meta(meta: dict, side: Path) -> None:
             raise bad(f"calibration {key} must be a finite number, got {str(value)[:20]}")
     if calibration.get("scale", 1.0) <= 0:
         raise bad(f"calibration scale must be positive, got {calibration['scale']}")
+    if "settings" in meta:  # bench times with them: the bounds of `hwaware profile`'s flags
+        from hwaware.latency.devices import MeasureSettings
+
+        if not isinstance(meta["settings"], dict):
+            raise bad("settings must be a mapping")
+        MeasureSettings.from_dict(meta["settings"], f"latency table: sidecar {side}: settings")
+    if "sidecar_sha256" in meta and meta["sidecar_sha256"] != _sidecar_sha256(meta):  # older tables lack it
+        raise bad("does not match its own checksum (edited by hand?); profile again")
+
+
+def _sidecar_sha256(meta: dict) -> str:
+    """SHA-256 of the sidecar's fields other than this checksum, in a canonical JSON form."""
+    fields = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(dumps_strict(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_rows(rows: pd.DataFrame, csv_path: Path) -> None:

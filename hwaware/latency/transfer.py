@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hwaware.errors import HwawareError
-from hwaware.io import file_sha256
+from hwaware.io import file_sha256, utc_timestamp
 from hwaware.latency.devices import MeasureSettings
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, table_name, validation_metrics
 from hwaware.space import get_space
@@ -142,7 +142,7 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
             "seconds": round(seconds, 1), "seconds_fit_subnets": round(per_subnet * fit_subnets, 1),
             "full_profile_seconds_of_source": (round(source_timing["pieces_seconds"] + source_timing["calibration_seconds"], 1)
                                                if source_timing else None),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "date": utc_timestamp(),
         },
     }
     return LatencyTable(source.rows.copy(), meta).save(target)
