@@ -42,6 +42,10 @@ def load_table_for(space, device: str | None = None, table: str | Path | None = 
     if precision is not None and loaded.precision != precision:
         raise HwawareError(f"latency table: {path} prices {loaded.precision}, not {precision}")
     warn_if_other_host(loaded)
+    if loaded.estimated:  # a price from an estimate says how far off it is expected to be
+        from hwaware.latency.estimate import expected_error_line
+
+        print(f"hwaware: {expected_error_line(loaded)}", file=sys.stderr)
     return loaded
 
 

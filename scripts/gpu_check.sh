@@ -10,7 +10,8 @@
 #      from Q/DQ ONNX), an int8 (and fp8) export of autoformer-t (relative position encoding) with TensorRT,
 #      and an int8 TensorRT latency table,
 #   7. GPU scoring: evaluate and a 100-subnet search of autoformer-t on a 224 px ImageFolder, scored on the GPU
-#      with autocast, and benchmarks/scoring_throughput.py.
+#      with autocast, and benchmarks/scoring_throughput.py,
+#   8. the GPU estimate (fitted on public GPU data) checked against a torch table measured on this GPU.
 # Tables go to $OUT/latency_tables (or ./latency_tables); each step is resumable, so a rerun
 # after a timeout continues where it stopped. Settings are shortened for the time box and
 # recorded in each sidecar.
@@ -167,6 +168,18 @@ if "$PY" -c "import tensorrt" 2>/dev/null && [ -f "$RUNS/export-t/model.plan" ];
 t['layer_precisions']); print('trtexec:', t['trtexec'])" "$RUNS/export-t/card.json"
 else
   echo "SKIP tensorrt plan bench: TensorRT is not installed or no model.plan was exported"
+fi
+# 8. The GPU estimate against this GPU (issue 18): a torch fp16 table of autoformer-t-timm (fused attention, as
+#    timm's reference rows) at batch 256, inside the reference batches, measured here, then --estimate for the
+#    same settings, which scores itself on the measured table's subnets (the sidecar's validation).
+EST_ARGS=(--device "$DEVICE" --space autoformer-t-timm --backend torch --precision fp16 --batch 256 --out "$TABLES")
+if [ ! -f "$TABLES/$DEVICE-torch-fp16-autoformer-t-timm-b256.csv" ]; then
+  run "torch fp16 b256 autoformer-t-timm" "$PY" -m hwaware.cli profile "${EST_ARGS[@]}" "${QUICK[@]}"
+fi
+if [ -f "$TABLES/$DEVICE-torch-fp16-autoformer-t-timm-b256.csv" ]; then
+  run "estimate vs measured (torch fp16 b256)" "$PY" -m hwaware.cli profile "${EST_ARGS[@]}" --estimate
+else
+  echo "SKIP estimate check: no measured torch table"
 fi
 "$PY" - "$TABLES" <<'PYEOF'
 import json, sys, pathlib

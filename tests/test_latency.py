@@ -319,33 +319,6 @@ def test_missing_optional_backend_is_one_line():
         get_backend("onnxruntime", precision="fp16")
 
 
-# ---- estimate --------------------------------------------------------------------------------------
-
-
-def test_estimate_fits_efficiencies_and_marks_the_table(tmp_path):
-    from hwaware.latency.estimate import _roofline, estimate_table, fit_efficiency, piece_work
-
-    cpu = load_device_profile("cpu")
-    peak, bw = cpu.peak_flops_for("fp32"), cpu.memory_bandwidth
-
-    def truth(p):
-        flops, bytes_ = piece_work(TINY, p, 1, "fp32")
-        return float(_roofline(flops, bytes_, peak, bw, 0.1, 0.1, 0.02))
-
-    source = synthetic_table(per_piece=truth)
-    source.save(tmp_path / table_name("cpu", "onnxruntime", "fp32", "tiny", 1))
-    fitted = fit_efficiency(LatencyTable.load(tmp_path / table_name("cpu", "onnxruntime", "fp32", "tiny", 1)), cpu)
-    assert fitted["fit_rms_relative_error"] < 0.02
-    path = estimate_table("t4", TINY, backend="tensorrt", precision="fp16", out=tmp_path)
-    assert path.name == "t4-tensorrt-fp16-tiny-b1-estimated.csv"
-    table = LatencyTable.load(path)
-    assert table.estimated and table.meta["estimate"]["peak_flops"] == 65.0e12
-    assert 0 < table.predict(TINY.largest()) < source.predict(TINY.largest())
-    assert find_table("t4", "tiny", backend="tensorrt", precision="fp16", batch=1, root=tmp_path, estimated=True) == path
-    with pytest.raises(HwawareError, match="--estimate"):
-        find_table("t4", "tiny", backend="tensorrt", precision="fp16", batch=1, root=tmp_path)
-
-
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,10 @@ def test_the_wheel_works_from_another_folder(installed, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import hwaware; print(hwaware.__file__)"], cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True, text=True)
     assert where.stdout.startswith(str(installed))  # the wheel, not this checkout
+    reference = subprocess.run([sys.executable, "-c", "from hwaware.reference import load_reference as r; "
+                                "print(len(r()))"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(installed)},
+                               capture_output=True, text=True)
+    assert reference.stdout.strip() == "278", reference.stderr  # the GPU reference data ship in the wheel
     spaces = run(installed, tmp_path, "space", "list")
     assert spaces.returncode == 0 and "autoformer-t" in spaces.stdout and "digits" in spaces.stdout
     released = run(installed, tmp_path, "cost", "--space", "autoformer-t", "--arch", "released", "--json")

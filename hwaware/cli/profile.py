@@ -1,4 +1,4 @@
-"""`hwaware profile`: measure, estimate, validate or recalibrate a per-device latency table."""
+"""`hwaware profile`: measure, estimate, validate, recalibrate or transfer a per-device latency table."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.recalibrate:
         _recalibrate(args)
         return
+    if args.transfer_from:
+        _transfer(args)
+        return
     if not args.device:
         raise HwawareError("--device is required (a profile name such as cpu, t4, v100; or --validate / "
                            "--recalibrate TABLE)")
@@ -48,7 +51,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from hwaware.latency.estimate import estimate_table
 
         path = estimate_table(args.device, args.space, backend=args.backend, precision=args.precision,
-                              batch=args.batch, out=args.out, calibrate_from=args.calibrate_from)
+                              batch=args.batch, out=args.out, calibrate_from=args.calibrate_from,
+                              reference=args.reference_data)
     else:
         from hwaware.latency.profile import profile_device
 
@@ -60,6 +64,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     table = LatencyTable.load(path)
     print(f"wrote {path} ({len(table.rows)} pieces{', ESTIMATED' if table.estimated else ''})")
+    if table.estimated:
+        from hwaware.latency.estimate import expected_error_line
+
+        print(expected_error_line(table))
     _print_validation("held-out validation", table.validation)
     timing = table.meta.get("timing")
     if timing:
@@ -86,6 +94,37 @@ def _recalibrate(args: argparse.Namespace) -> None:
     _print_validation("held-out after recalibration", table.validation)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from hwaware.latency.devices import load_device_profile
+    from hwaware.latency.table import LatencyTable
+    from hwaware.latency.transfer import transfer_table
+
+    if not args.device:
+        raise HwawareError("--device is required with --transfer-from (the present device the table is adapted to)")
+    if args.estimate:
+        raise HwawareError("--transfer-from measures subnets on the device; it does not combine with --estimate")
+    fill_from_project(args, "profile", {"out": "tables"})
+    args.out = args.out or "latency_tables"
+    profile = load_device_profile(args.device)
+    settings = profile.measurement.replace(**{k: getattr(args, k) for k in ("threads", "warmup", "min_repeats",
+                                                                           "min_time_s")},
+                                           cuda_graph=True if args.cuda_graph else None)
+    with folder_lock(args.out, "profile --transfer-from"):
+        path = transfer_table(args.transfer_from, args.device, args.out, space=args.space, backend=args.backend,
+                              precision=args.precision, batch=args.batch, settings=settings,
+                              quantize_mode=args.quantize_mode, fit_subnets=args.fit_subnets or 10,
+                              holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
+                              seed=args.seed or 0, progress=not args.quiet, force=args.force)
+    table = LatencyTable.load(path)
+    info = table.meta["transfer"]
+    full = info["full_profile_seconds_of_source"]
+    print(f"wrote {path}: {info['from']} adapted to {table.device} ({info['method']}: x{info['factor']:.3f} "
+          f"{info['offset_ms']:+.3f} ms) from {info['k']} subnets timed in {info['seconds_fit_subnets']:.0f} s"
+          + (f" (the source's full profile took {full:.0f} s)" if full else ""))
+    _print_validation("held-out before transfer", info["validation_before"])
+    _print_validation("held-out after transfer", table.validation)
+
+
 def register(sub) -> None:
     prof = sub.add_parser("profile", help="measure a per-device latency table (or --estimate, --validate)")
     prof.add_argument("--device", help="device profile name (profiles/<name>.yaml), e.g. cpu, t4, h100")
@@ -102,18 +141,28 @@ def register(sub) -> None:
     prof.add_argument("--warmup", type=bounded(int, *MEASUREMENT["warmup"]), help="warm-up runs per item")
     prof.add_argument("--min-repeats", dest="min_repeats", type=bounded(int, *MEASUREMENT["min_repeats"]), help="minimum timed runs per item")
     prof.add_argument("--min-time", dest="min_time_s", type=bounded(float, *MEASUREMENT["min_time_s"]), help="minimum seconds of timed runs per item")
-    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, *MEASUREMENT["fit_subnets"]),
-                      help="whole subnets the correction is fitted on (--recalibrate: default 10)")
+    prof.add_argument("--fit-subnets", dest="fit_subnets", type=bounded(int, 2, MEASUREMENT["fit_subnets"][1]),
+                      help="whole subnets the correction is fitted on (at least 3; --recalibrate, --transfer-from: "
+                           "default 10, --transfer-from from 2)")
     prof.add_argument("--holdout-subnets", dest="holdout_subnets", type=bounded(int, *MEASUREMENT["holdout_subnets"]),
-                      help="held-out subnets it is validated on (--recalibrate: default 10)")
+                      help="held-out subnets it is validated on (--recalibrate, --transfer-from: default 10)")
     prof.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
                       help="GPU: time replays of a captured CUDA graph (torch, tensorrt); recorded in the table")
     prof.add_argument("--force", action="store_true", help="measure again although the table exists")
-    prof.add_argument("--estimate", action="store_true", help="roofline table from the profile's peak figures")
-    prof.add_argument("--calibrate-from", dest="calibrate_from", help="measured table to fit --estimate's efficiencies on")
+    prof.add_argument("--estimate", action="store_true",
+                      help="estimated table: for a GPU from the kernel model fitted on public GPU measurements, for a "
+                           "CPU from a roofline fitted on a measured CPU table")
+    prof.add_argument("--calibrate-from", dest="calibrate_from",
+                      help="CPU --estimate: the measured CPU table to fit its efficiencies on")
+    prof.add_argument("--reference-data", dest="reference_data", metavar="CSV",
+                      help="GPU --estimate: public measurements to fit the kernel model on (default: the shipped "
+                           "hwaware/reference/gpu_latency.csv; to add your own rows, copy it and append them)")
     prof.add_argument("--validate", metavar="TABLE", help="measure fresh subnets end to end and report the table's error")
     prof.add_argument("--subnets", type=bounded(int, 1, 1000), default=30, help="subnets for --validate (default 30)")
     prof.add_argument("--recalibrate", metavar="TABLE",
                       help="refit TABLE's correction on whole subnets timed on this host; writes a new table in --out")
+    prof.add_argument("--transfer-from", dest="transfer_from", metavar="TABLE",
+                      help="adapt TABLE, measured on another device, to --device from --fit-subnets whole subnets "
+                           "timed here (validated on --holdout-subnets others); writes the device's table in --out")
     prof.add_argument("--quiet", action="store_true", help="no progress bar")
     prof.set_defaults(func=cmd_profile)

@@ -14,6 +14,7 @@ _EXPORTS = {
     "profile": ["profile_device"],
     "recalibrate": ["recalibrate_table", "validate_table", "warn_if_other_host"],
     "estimate": ["estimate_table"],
+    "transfer": ["transfer_table"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

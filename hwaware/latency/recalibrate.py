@@ -26,7 +26,7 @@ from hwaware.latency.devices import MeasureSettings, find_present, load_device_p
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
 from hwaware.latency.protocol import time_runner
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, validation_metrics
-from hwaware.space import Arch
+from hwaware.space import Arch, SearchSpace
 
 
 def host_differences(table: LatencyTable) -> list[str] | None:
@@ -51,17 +51,16 @@ def warn_if_other_host(table: LatencyTable, command: str = "hwaware") -> None:
               f"its predictions may be off here: hwaware profile --recalibrate {table.path}", file=sys.stderr)
 
 
-def measure_subnets(backend: Backend, table: LatencyTable, archs: list[Arch], settings: MeasureSettings,
+def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: list[Arch], settings: MeasureSettings,
                     progress: bool = True, desc: str = "subnets") -> list[float]:
-    """Each Arch exported and timed end to end as the table's statistic (median or min), in ms."""
+    """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms."""
     from hwaware.progress import progress as progress_bar
     from hwaware.vit import build_vit
 
-    space = table.space
     measured = []
     with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
         for arch in progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr):
-            x = torch.randn(table.batch_size, space.in_chans, space.img_size, space.img_size)
+            x = torch.randn(batch, space.in_chans, space.img_size, space.img_size)
             runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
             measured.append(time_runner(runner, settings).reading(settings.statistic))
     return measured
@@ -80,7 +79,8 @@ def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = Non
                               table.quantize_mode, settings.cuda_graph)
     seed = int(time.time()) if seed is None else seed
     archs = sample_subnets(table.space, count, random.Random(seed))
-    measured = measure_subnets(backend, table, archs, settings, progress, desc=f"validate {Path(csv_path).stem}")
+    measured = measure_subnets(backend, table.space, table.batch_size, archs, settings, progress,
+                               desc=f"validate {Path(csv_path).stem}")
     return {**validation_metrics(measured, [table.predict(a) for a in archs]), "seed": seed,
             "statistic": settings.statistic, "date": utc_timestamp()}
 
@@ -105,7 +105,8 @@ def recalibrate_table(csv_path: str | Path, out: str | Path, fit_subnets: int = 
                               settings.cuda_graph)
     archs = sample_subnets(table.space, fit_subnets + holdout_subnets, random.Random(seed))
     started = time.perf_counter()
-    measured = measure_subnets(backend, table, archs, settings, progress, desc=f"recalibrate {csv_path.stem}")
+    measured = measure_subnets(backend, table.space, table.batch_size, archs, settings, progress,
+                               desc=f"recalibrate {csv_path.stem}")
     seconds = time.perf_counter() - started
     sums = [table.piece_sum(a) for a in archs]
     predicted = [table.predict(a) for a in archs]
