@@ -59,7 +59,7 @@ def _tally(model: nn.Module, arch: Arch, batches, device: torch.device, autocast
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if images.dtype == torch.uint8:
             mean, std = normalize
-            images = (images.float() / 255 - mean) / std  # what ToTensor + Normalize compute, on the device
+            images = images.float().div_(255).sub_(mean).div_(std)  # ToTensor + Normalize, on the device, in place
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             logits = model(images, arch)
         logits = logits.float()
@@ -122,7 +122,22 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def join_compute_device(spec: str | torch.device = "auto") -> tuple[int, int, torch.device, bool]:
+    """`setup_distributed` for the device scoring runs on, with a GPU index that is not there refused in
+    one line first (CUDA would raise "invalid device ordinal" deep inside)."""
+    from hwaware.distributed import parse_device, setup_distributed
+
+    spec = str(spec)
+    if spec != "auto":
+        device = parse_device(spec)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and count and device.index is not None and device.index >= count:
+            raise HwawareError(f"device: {spec} asked for, but this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return setup_distributed(spec)
+
+
 def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a cluster job narrows), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -255,7 +270,7 @@ class Scorer:
         for images, labels in self._raw_batches():
             if images.dtype == torch.uint8:
                 mean, std = (v.cpu() for v in self.normalize)
-                images = (images.float() / 255 - mean) / std
+                images = images.float().div_(255).sub_(mean).div_(std)
             yield images, labels
 
     @torch.no_grad()
@@ -284,7 +299,6 @@ def build_scorer(model: nn.Module, data: str, *, split: str = "val", images: int
     The model is moved to the device.
     """
     from hwaware.data import build_dataset
-    from hwaware.distributed import setup_distributed
 
     if batch_size < 1:
         raise HwawareError(f"batch size: must be at least 1, got {batch_size}")
@@ -296,7 +310,7 @@ def build_scorer(model: nn.Module, data: str, *, split: str = "val", images: int
                            f"{cpus} CPUs")
     if threads is not None and not 1 <= threads <= cpus:
         raise HwawareError(f"threads: {threads} asked, but this machine lets this process use {cpus} CPUs")
-    rank, world, device, _ = setup_distributed(str(device))
+    rank, world, device, _ = join_compute_device(device)
     autocast = autocast_dtype(device, precision)
     image_set = ImageSet(data, split, images, seed, part)
     dataset = build_dataset(data, getattr(model, "module", model).space, split, decoded=True)
@@ -377,10 +391,9 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | Arch | None = None, 
     scored unless `images` asks for a class-stratified subset; `scoring` takes `build_scorer`'s
     device, precision, batch_size, workers and threads (one pass: nothing is cached).
     """
-    from hwaware.distributed import setup_distributed
     from hwaware.space import resolve_arch
 
-    _, _, _, owned = setup_distributed(str(scoring.get("device", "auto")))  # a missing GPU: refused before loading
+    _, _, _, owned = join_compute_device(scoring.get("device", "auto"))  # a missing GPU: refused before loading
     try:
         model, meta = load_supernet(checkpoint)
         check_finite(model.state_dict(), str(checkpoint))

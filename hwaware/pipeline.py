@@ -115,15 +115,14 @@ def search_checkpoint(checkpoint: str | Path, out: str | Path, budgets: Mapping[
 
     from hwaware.accuracy_cache import AccuracyCache, CachedScorer
     from hwaware.checkpoint import check_finite
-    from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import build_scorer, dataset_of, load_supernet
+    from hwaware.evaluation import build_scorer, dataset_of, join_compute_device, load_supernet
     from hwaware.search import BUDGET_KINDS, STATE_FILE, EvolutionSearch, file_fingerprint, parse_budgets
     from hwaware.search_results import write_results
     from hwaware.targets import resolve_targets
 
     scoring = dict(scoring or {})
     tables = [] if table is None else [table] if isinstance(table, (str, Path)) else list(table)
-    rank, _, _, owned = setup_distributed(str(scoring.get("device", "auto")))  # so is a missing GPU
+    rank, _, _, owned = join_compute_device(scoring.get("device", "auto"))  # so is a missing GPU
     try:
         model, meta = load_supernet(checkpoint)
         space = model.space
@@ -214,14 +213,13 @@ def export_checkpoint(checkpoint: str | Path, arch: str | Arch | None, out: str 
     card, and it is refused past `max_accuracy_drop` points.
     """
     from hwaware.checkpoint import check_finite, checkpoint_state, file_identity
-    from hwaware.distributed import setup_distributed
-    from hwaware.evaluation import load_supernet
+    from hwaware.evaluation import join_compute_device, load_supernet
     from hwaware.export import export_model, preflight
     from hwaware.precision import check_mode, get_precision
 
     wanted, _ = preflight(out, formats, force, precision)  # bad formats, a taken folder: refused before loading
     scoring = dict(scoring or {})
-    setup_distributed(str(scoring.get("device", "auto")))  # a missing GPU too
+    join_compute_device(scoring.get("device", "auto"))  # a missing GPU too
     quantized = get_precision(precision).quantized
     if not quantized:  # each set is scored once: nothing to keep decoded
         scoring["cache_mib"] = 0
