@@ -86,6 +86,11 @@ def test_a_restarted_container_and_an_unrelated_live_process_are_not_holders(tmp
     me = process_identity()
     assert not holder_alive(me)  # pid 1 again after a restart: its own old record
     unrelated = subprocess.Popen(["sleep", "30"])
+    cmdline = Path(f"/proc/{unrelated.pid}/cmdline")
+    for _ in range(100):  # until the child shows its own command line, not the forking interpreter's
+        if cmdline.exists() and cmdline.read_bytes().startswith(b"sleep"):
+            break
+        time.sleep(0.05)
     try:
         record = {**me, "pid": unrelated.pid, "started": "1"}  # the pid was reused by a program started later
         if me["started"]:

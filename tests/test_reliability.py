@@ -30,7 +30,7 @@ def one_line(err: str) -> str:
     (["bench", "x", "--batch", "0"], "--batch: must be a finite number in 1..65536"),
     (["bench", "x", "--batch", "-1"], "--batch: must be a finite number"),
     (["profile", "--device", "cpu", "--min-time", "inf"], "--min-time: must be a finite number"),
-    (["profile", "--device", "cpu", "--fit-subnets", "100000000"], "--fit-subnets: must be a finite number in 3..1000"),
+    (["profile", "--device", "cpu", "--fit-subnets", "100000000"], "--fit-subnets: must be a finite number in 2..1000"),
     (["search", "--latency-ms", "5", "--population", "1e9"], "--population: expected an integer"),
 ])
 def test_numeric_flags_are_range_checked_while_parsing(tmp_path, monkeypatch, capsys, args, message):
