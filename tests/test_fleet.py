@@ -270,19 +270,8 @@ TINY = ["--population", "8", "--generations", "2", "--parents", "3", "--mutation
 
 
 @pytest.fixture
-def cli(capsys):
-    """The CLI in this process (torch is imported once for the module, not once per command)."""
-    from types import SimpleNamespace
-
-    from hwaware.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-    return run
+def cli(run_cli):
+    return run_cli
 
 
 @pytest.mark.parametrize("extra, message", [

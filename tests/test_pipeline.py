@@ -5,11 +5,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from hwaware.cli import main
 from hwaware.space import BUILTIN_SPACES, load_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,17 +16,6 @@ SMALL_SEARCH = ["--population", "12", "--generations", "3", "--parents", "4", "-
                 "--crossover-children", "4", "--quiet"]
 
 
-@pytest.fixture
-def run_cli(capsys):
-    """The CLI in this process (torch is imported once for the module, not once per command)."""
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-    return run
 
 
 @pytest.fixture(scope="module")
