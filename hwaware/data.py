@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from hwaware.errors import HwawareError
 from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
-from hwaware.stopping import ignore_stop_signals_in_worker
+from hwaware.stopping import ignore_stop_signals_in_worker, kill_workers_at_exit
 
-__all__ = ["build_dataset", "build_loader", "build_run_loader", "ResumableSampler", "RepeatedAugmentationSampler", "SPLITS",
+__all__ = ["build_dataset", "build_loader", "build_run_loader", "dataloader", "ResumableSampler", "RepeatedAugmentationSampler", "SPLITS",
            "mix_seed", "has_split", "dataset_targets", "stratified_sample", "image_ids"]
 
 SPLITS = ("train", "val", "test")
@@ -584,10 +584,16 @@ def build_loader(
     world_size = dist_world if world_size is None else world_size
     drop_last = shuffle if drop_last is None else drop_last
     sampler = ResumableSampler(len(dataset), shuffle, seed, epoch, rank, world_size, start_batch * batch_size)
-    return DataLoader(
-        SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals_in_worker,
-    )
+    return dataloader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+def dataloader(dataset: Dataset, num_workers: int = 0, **options) -> DataLoader:
+    """Every DataLoader hwaware makes: its workers leave stop signals to the main process (which stops at a
+    safe point, see `hwaware.stopping`), and any still alive when the interpreter exits are killed, not waited for."""
+    if num_workers > 0:
+        kill_workers_at_exit()
+    return DataLoader(dataset, num_workers=num_workers, worker_init_fn=ignore_stop_signals_in_worker, **options)
 
 
 
@@ -604,7 +610,5 @@ def build_run_loader(dataset: Dataset, batch_size: int, shuffle: bool, *, seed: 
         sampler: ResumableSampler = RepeatedAugmentationSampler(len(dataset), aug_repeats, seed, 0, rank, world_size)
     else:
         sampler = ResumableSampler(len(dataset), shuffle, seed, 0, rank, world_size)
-    return DataLoader(
-        SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=shuffle,
-        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
-    )
+    return dataloader(SeededItems(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=shuffle,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwaware.checkpoint import check_finite, read_checkpoint
-from hwaware.data import mix_seed
+from hwaware.data import dataloader, mix_seed
 from hwaware.errors import HwawareError
 from hwaware.space import Arch, SearchSpace
 from hwaware.supernet import SuperViT
@@ -240,9 +240,9 @@ class Scorer:
         return f"{s.split}: {n} of {total} images, class-stratified, seed {s.seed}"
 
     def _loader(self, indices: np.ndarray):
-        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data import Subset
 
-        return DataLoader(Subset(self.dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False,
+        return dataloader(Subset(self.dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False,
                           num_workers=self.workers, persistent_workers=self.workers > 0,
                           pin_memory=self.device.type == "cuda")
 

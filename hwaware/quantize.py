@@ -156,9 +156,9 @@ def calibration_images(data: str, space, count: int = DEFAULT_CALIBRATION_COUNT,
     """`count` training images of dataset `data`, a seeded class-stratified draw (unaugmented): what export
     calibrates on. The first images of an image folder are one or two classes; every class's activations
     should set the scales. More than the split has, or than `MAX_CALIBRATION_IMAGES`, is refused."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import Subset
 
-    from hwaware.data import build_dataset, dataset_targets, stratified_sample
+    from hwaware.data import build_dataset, dataloader, dataset_targets, stratified_sample
     from hwaware.evaluation import default_workers
 
     if not 1 <= count <= MAX_CALIBRATION_IMAGES:
@@ -168,7 +168,7 @@ def calibration_images(data: str, space, count: int = DEFAULT_CALIBRATION_COUNT,
         raise HwawareError(f"calibration: {count} images asked, but {data} has {len(dataset)} training images")
     chosen = stratified_sample(dataset_targets(dataset), count, seed)
     workers = default_workers(dataset) if workers is None else workers
-    loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=64, num_workers=workers)
+    loader = dataloader(Subset(dataset, chosen.tolist()), batch_size=64, num_workers=workers)
     return torch.cat([images for images, _ in loader])
 
 

@@ -11,6 +11,7 @@ runs as PID 1 in a container, where the kernel drops signals that have no handle
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -131,3 +132,29 @@ def ignore_stop_signals_in_worker(worker_id: int | None = None) -> None:
     workers under a training that is still writing its checkpoint; the loader shuts them down itself."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+_workers_killed_at_exit = False
+
+
+def kill_workers_at_exit() -> None:
+    """Make the interpreter's exit SIGKILL daemonic children still alive. multiprocessing ends them with
+    SIGTERM and then waits for them; workers that ignore SIGTERM (above) would make that wait endless
+    when a loader outlives its command, as one does when its worker raised (the error keeps it alive)."""
+    global _workers_killed_at_exit
+    if _workers_killed_at_exit:
+        return
+    import multiprocessing.util  # noqa: F401  registers multiprocessing's exit function before ours, so ours runs first
+
+    atexit.register(_kill_daemonic_children)
+    _workers_killed_at_exit = True
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a worker failure
+    for child in children:
+        child.kill()

@@ -209,6 +209,38 @@ def test_sigterm_reaches_hwaware_running_as_pid_1_in_a_container(tmp_path):
         box.wait()
 
 
+
+class _StopSignalsInWorker(torch.utils.data.Dataset):
+    """Item i: whether the worker ignores SIGTERM; item 3 raises, as a bad image does."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if index == 3:
+            raise ValueError("item 3")
+        return int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+
+
+def test_training_loader_workers_leave_a_stop_to_the_training():
+    from hwaware.data import build_run_loader
+
+    batches = list(build_run_loader(torch.utils.data.Subset(_StopSignalsInWorker(), [0, 1]), 1, False, num_workers=1))
+    assert [int(batch) for batch in batches] == [1, 1]
+
+
+def test_a_loader_whose_worker_raised_does_not_hang_the_exit():
+    """multiprocessing ends workers at exit with SIGTERM, which they ignore, and then waits for them:
+    a loader kept alive by its error (a bad image's one line) hung pytest itself for CI's 90 minutes."""
+    code = ("import sys\nfrom hwaware.data import dataloader\nfrom tests.test_reliability import _StopSignalsInWorker\n"
+            "try:\n    list(dataloader(_StopSignalsInWorker(), num_workers=1, persistent_workers=True))\n"
+            "except ValueError as error:\n    kept = error\n    print('raised', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0 and result.stdout == "raised\n", result.stderr
+    assert "Traceback" not in result.stderr and "killed by signal" not in result.stderr, result.stderr
+
+
 # ---- a full disk while a checkpoint is written --------------------------------------------------
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
