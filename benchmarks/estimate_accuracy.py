@@ -7,10 +7,10 @@ Refits everything from the reference data (hwaware/reference/gpu_latency.csv) an
      (fit on half the models of each GPU and version, predict the other half);
   2. the previous roofline (efficiencies fitted on a measured CPU table) on the same rows;
   3. few-shot transfer between GPUs of the data (fit one GPU, adapt with k rows of another): MAPE vs k,
-     one factor vs affine;
+     one factor vs affine vs affine plus a cost per layer;
   4. with --cpu-transfer SPACE: the same between CPU "devices" measured here (ONNX Runtime 1 -> 2 threads,
      fp32 -> INT8) from the committed 1-thread table of SPACE, k = 10, 10 held out, with the time it took
-     against the source's full profile. This measures, so it takes minutes.
+     against the source's full profile. This measures, so it takes minutes (--keep DIR keeps what it measured).
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ def gpu_transfer_section(reference: pd.DataFrame, seeds: int) -> None:
             line = []
             before = []
             for method in ADAPTERS:
+                if method == "layers" and k < 3:
+                    line.append("layers   - (needs k >= 3)")
+                    continue
                 after = []
                 for source, target in permutations(sets, 2):
                     if k >= len(sets[target]) - 2:
@@ -126,7 +129,7 @@ def gpu_transfer_section(reference: pd.DataFrame, seeds: int) -> None:
             print(f"  k={k:2d}  before {100 * np.mean(before):6.1f}%   " + "   ".join(line))
 
 
-def cpu_transfer_section(space: str) -> None:
+def cpu_transfer_section(space: str, keep: str | None = None) -> None:
     from hwaware.latency.devices import load_device_profile
     from hwaware.latency.table import LatencyTable, table_name
     from hwaware.latency.transfer import transfer_table
@@ -141,18 +144,21 @@ def cpu_transfer_section(space: str) -> None:
     cases = [("onnxruntime 1 -> 2 threads", dict(settings=settings.replace(threads=2))),
              ("onnxruntime fp32 -> int8 (dynamic)", dict(precision="int8", settings=settings))]
     for label, options in cases:
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as scratch:
+            out = Path(keep or scratch) / label.split()[-1].strip("()")
             table = LatencyTable.load(transfer_table(source, "cpu", out, fit_subnets=10, holdout_subnets=10,
-                                                     progress=False, **options))
+                                                     progress=False, force=True, **options))
         info, subnets = table.meta["transfer"], table.meta["subnets"]
         fit = [s for s in subnets if s["split"] == "fit"]
         held = [s for s in subnets if s["split"] == "holdout"]
         truth = [s["measured_ms"] for s in held]
         line = []
-        for method in ADAPTERS:  # both maps fitted on the same measured subnets
+        pieces = {id(s): len(s["arch"]["num_heads"]) + 2 for s in subnets}
+        for method in ADAPTERS:  # every map fitted on the same measured subnets
             adapter = fit_adapter([s["source_predicted_ms"] for s in fit], [s["measured_ms"] for s in fit], method,
-                                  min(s["source_predicted_ms"] for s in subnets))
-            after = error_summary(truth, adapter.apply([s["source_predicted_ms"] for s in held]))
+                                  min(s["source_predicted_ms"] for s in subnets), [pieces[id(s)] for s in fit])
+            after = error_summary(truth, adapter.apply([s["source_predicted_ms"] for s in held],
+                                                       [pieces[id(s)] for s in held]))
             line.append(f"{method} {100 * after['mape']:5.1f}% (tau {after['kendall_tau']:.2f})")
         print(f"  {label:36s} before {100 * info['validation_before']['mape']:5.1f}%   {'   '.join(line)};  "
               f"k=10 took {info['seconds_fit_subnets']:.0f} s (20 subnets {info['seconds']:.0f} s) vs {full:.0f} s "
@@ -166,14 +172,17 @@ def main() -> None:
                         help="measured CPU table the previous roofline fits its efficiencies on")
     parser.add_argument("--cpu-transfer", metavar="SPACE", help="also measure CPU transfers from this space's table")
     parser.add_argument("--seeds", type=int, default=5, help="random draws of the k rows per GPU pair")
+    parser.add_argument("--keep", metavar="DIR", help="keep the CPU transfers' tables (their measured subnets) here")
+    parser.add_argument("--only-cpu-transfer", action="store_true", help="skip sections 1-3")
     args = parser.parse_args()
     reference = load_reference(args.reference)
     print(f"reference: {len(reference)} rows, GPUs {', '.join(sorted(reference['gpu'].unique()))}")
-    kernel_model_section(reference)
-    previous_roofline_section(reference, Path(args.cpu_table))
-    gpu_transfer_section(reference, args.seeds)
+    if not args.only_cpu_transfer:
+        kernel_model_section(reference)
+        previous_roofline_section(reference, Path(args.cpu_table))
+        gpu_transfer_section(reference, args.seeds)
     if args.cpu_transfer:
-        cpu_transfer_section(args.cpu_transfer)
+        cpu_transfer_section(args.cpu_transfer, args.keep)
 
 
 if __name__ == "__main__":

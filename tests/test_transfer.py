@@ -51,6 +51,17 @@ def test_affine_map_is_recovered_and_composes_with_the_table_correction():
     assert composed.apply(5.0, 4) == pytest.approx(adapter.apply(calibration.apply(5.0, 4)))
 
 
+def test_a_cost_per_layer_is_recovered_and_composes_with_the_table_correction():
+    source, pieces = np.array([1.0, 2.0, 4.0, 8.0, 3.0]), np.array([6, 8, 8, 14, 12])
+    adapter = fit_adapter(source, 2.0 * source + 0.3 * pieces + 0.1, "layers", pieces=pieces)
+    assert (adapter.factor, adapter.per_piece, adapter.offset) == pytest.approx((2.0, 0.3, 0.1))
+    composed = adapter.compose(Calibration(0.9, 0.1, 0.2))
+    assert composed.apply(5.0, 7) == pytest.approx(adapter.apply(Calibration(0.9, 0.1, 0.2).apply(5.0, 7), 7))
+    # a per-layer cost that would make the deepest cheap subnet free falls back to the affine map
+    fallback = fit_adapter(source, np.array([3.0, 3.5, 5.0, 6.0, 1.0]), "layers", pieces=pieces)
+    assert fallback.per_piece == 0.0
+
+
 def test_an_offset_that_would_make_a_subnet_free_falls_back_to_the_factor():
     assert fit_adapter([1.0, 2.0, 3.0], [0.1, 2.0, 4.0]).offset < 0  # still positive at the smallest fitted
     adapter = fit_adapter([1.0, 2.0, 3.0], [0.1, 2.0, 4.0], floor_ms=0.5)  # but the table has a cheaper subnet
@@ -60,8 +71,10 @@ def test_an_offset_that_would_make_a_subnet_free_falls_back_to_the_factor():
 def test_bad_maps_are_refused():
     with pytest.raises(HwawareError, match="at least 2 measured subnets"):
         fit_adapter([1.0], [2.0])
-    with pytest.raises(HwawareError, match="method must be one of affine, scale"):
+    with pytest.raises(HwawareError, match="method must be one of affine, scale, layers"):
         fit_adapter([1.0, 2.0], [2.0, 3.0], "quadratic")
+    with pytest.raises(HwawareError, match="layers map needs each subnet's piece count"):
+        fit_adapter([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], "layers")
 
 
 # ---- the public GPU data ----------------------------------------------------------------------------
@@ -146,6 +159,10 @@ def test_cli_transfer_errors_are_one_line(tmp_path, capsys, monkeypatch):
         (("--device", "cpu", "--transfer-from", str(DIGITS_TABLE), "--space", "autoformer-t"), "not 'autoformer-t'"),
         (("--transfer-from", str(DIGITS_TABLE)), "--device is required with --transfer-from"),
         (("--device", "cpu", "--transfer-from", str(tmp_path / "missing.csv")), "does not exist"),
+        (("--device", "cpu", "--transfer-from", str(DIGITS_TABLE), "--transfer-map", "quadratic"),
+         "--transfer-map: expected one of affine, scale, layers, got 'quadratic'"),
+        (("--device", "cpu", "--transfer-from", str(DIGITS_TABLE), "--transfer-map", "layers", "--fit-subnets", "2"),
+         "needs --fit-subnets 3 or more"),
     ]:
         assert main(["profile", *args, "--out", str(out)]) == 2
         err = capsys.readouterr().err

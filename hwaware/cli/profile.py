@@ -86,7 +86,8 @@ def _recalibrate(args: argparse.Namespace) -> None:
     with folder_lock(args.out, "profile --recalibrate"):
         path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
                                  holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
-                                 seed=args.seed or 0, progress=not args.quiet, force=args.force)
+                                 seed=args.seed or 0, method=args.transfer_map, progress=not args.quiet,
+                              force=args.force)
     table = LatencyTable.load(path)
     info = table.meta["recalibration"]
     print(f"wrote {path}: refitted on {table.meta['calibration']['fit_n']} subnets timed here in {info['seconds']:.0f} s")
@@ -97,12 +98,16 @@ def _recalibrate(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from hwaware.latency.devices import load_device_profile
     from hwaware.latency.table import LatencyTable
-    from hwaware.latency.transfer import transfer_table
+    from hwaware.latency.transfer import ADAPTERS, transfer_table
 
     if not args.device:
         raise HwawareError("--device is required with --transfer-from (the present device the table is adapted to)")
     if args.estimate:
         raise HwawareError("--transfer-from measures subnets on the device; it does not combine with --estimate")
+    if args.transfer_map not in ADAPTERS:
+        raise HwawareError(f"--transfer-map: expected one of {', '.join(ADAPTERS)}, got {args.transfer_map!r}")
+    if args.transfer_map == "layers" and args.fit_subnets is not None and args.fit_subnets < 3:
+        raise HwawareError("--transfer-map layers fits three terms: it needs --fit-subnets 3 or more")
     fill_from_project(args, "profile", {"out": "tables"})
     args.out = args.out or "latency_tables"
     profile = load_device_profile(args.device)
@@ -114,12 +119,14 @@ def _transfer(args: argparse.Namespace) -> None:
                               precision=args.precision, batch=args.batch, settings=settings,
                               quantize_mode=args.quantize_mode, fit_subnets=args.fit_subnets or 10,
                               holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
-                              seed=args.seed or 0, progress=not args.quiet, force=args.force)
+                              seed=args.seed or 0, method=args.transfer_map, progress=not args.quiet,
+                              force=args.force)
     table = LatencyTable.load(path)
     info = table.meta["transfer"]
     full = info["full_profile_seconds_of_source"]
     print(f"wrote {path}: {info['from']} adapted to {table.device} ({info['method']}: x{info['factor']:.3f} "
-          f"{info['offset_ms']:+.3f} ms) from {info['k']} subnets timed in {info['seconds_fit_subnets']:.0f} s"
+          f"{info['offset_ms']:+.3f} ms" + (f" {info['per_piece_ms']:+.4f} ms per piece" if info.get("per_piece_ms") else "")
+          + f") from {info['k']} subnets timed in {info['seconds_fit_subnets']:.0f} s"
           + (f" (the source's full profile took {full:.0f} s)" if full else ""))
     _print_validation("held-out before transfer", info["validation_before"])
     _print_validation("held-out after transfer", table.validation)
@@ -164,5 +171,8 @@ def register(sub) -> None:
     prof.add_argument("--transfer-from", dest="transfer_from", metavar="TABLE",
                       help="adapt TABLE, measured on another device, to --device from --fit-subnets whole subnets "
                            "timed here (validated on --holdout-subnets others); writes the device's table in --out")
+    prof.add_argument("--transfer-map", dest="transfer_map", default="affine",
+                      help="--transfer-from's map from the source's predictions: affine (default: factor and offset), "
+                           "scale (factor only), layers (affine plus a cost per layer; needs 3 subnets)")
     prof.add_argument("--quiet", action="store_true", help="no progress bar")
     prof.set_defaults(func=cmd_profile)

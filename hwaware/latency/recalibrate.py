@@ -24,7 +24,6 @@ from hwaware.io import file_sha256, utc_timestamp
 from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
-from hwaware.latency.protocol import time_runner
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, validation_metrics
 from hwaware.space import Arch, SearchSpace
 
@@ -53,16 +52,29 @@ def warn_if_other_host(table: LatencyTable, command: str = "hwaware") -> None:
 
 def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: list[Arch], settings: MeasureSettings,
                     progress: bool = True, desc: str = "subnets") -> list[float]:
-    """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms."""
+    """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms.
+
+    An anchor (the space's middle subnet) is timed before every `settings.anchor_every` subnets, and each
+    reading is scaled by the first anchor over the latest one: a host that speeds up or slows down during
+    the run (turbo, a neighbour) then shifts no subnet against another. One at a time, not interleaved:
+    ONNX Runtime sessions with several threads spin while idle, and interleaved they ran 2x slower here.
+    """
+    from hwaware.latency.protocol import time_runner
     from hwaware.progress import progress as progress_bar
     from hwaware.vit import build_vit
 
-    measured = []
+    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size)
+    step = max(1, settings.anchor_every)
+    measured: list[float] = []
     with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
-        for arch in progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr):
-            x = torch.randn(batch, space.in_chans, space.img_size, space.img_size)
+        anchor = backend.prepare(build_vit(space.middle(), space), x, Path(tmp))
+        first = latest = None
+        for i, arch in enumerate(progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr)):
             runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
-            measured.append(time_runner(runner, settings).reading(settings.statistic))
+            if i % step == 0:
+                latest = time_runner(anchor, settings).reading(settings.statistic)
+                first = first or latest
+            measured.append(time_runner(runner, settings).reading(settings.statistic) * first / latest)
     return measured
 
 

@@ -5,9 +5,11 @@ ranking of subnets), `k` random subnets are timed end to end on the target and a
 `factor * source_prediction + offset` is fitted on them, then checked on held-out subnets. Affine
 rather than the one factor `recalibrate_table` fits on the same host: across devices the fixed cost
 per call moves apart from the per-FLOP cost (a GPU's launch overhead is not a CPU's), and a factor
-alone folds that into every subnet's slope. Per-term rescaling (compute and memory apart) would need
-the pieces split by kernel family, which a measured table does not have. The benchmark
-`benchmarks/estimate_accuracy.py` measures both maps side by side.
+alone folds that into every subnet's slope. `layers` adds a cost per piece (depth + 2): what moves
+with the layer count, not the work (per-operator thread synchronisation when the threads change,
+quantise/dequantise per layer in INT8, kernel launches on a GPU). Per-term rescaling (compute and
+memory apart) would need the pieces split by kernel family, which a measured table does not have.
+The benchmark `benchmarks/estimate_accuracy.py` measures the maps side by side.
 """
 
 from __future__ import annotations
@@ -26,46 +28,55 @@ from hwaware.latency.devices import MeasureSettings
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, table_name, validation_metrics
 from hwaware.space import get_space
 
-ADAPTERS = ("affine", "scale")
+ADAPTERS = ("affine", "scale", "layers")
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """target_ms = factor * source_ms + offset."""
+    """target_ms = factor * source_ms + per_piece * pieces + offset (pieces: depth + 2)."""
 
     factor: float
     offset: float = 0.0
+    per_piece: float = 0.0
 
-    def apply(self, source_ms):
-        return self.factor * np.asarray(source_ms, dtype=np.float64) + self.offset
+    def apply(self, source_ms, pieces=0):
+        return (self.factor * np.asarray(source_ms, dtype=np.float64)
+                + self.per_piece * np.asarray(pieces, dtype=np.float64) + self.offset)
 
     def compose(self, calibration: Calibration) -> Calibration:
         """The source table's correction followed by this map: one correction a table can carry."""
-        return Calibration(self.factor * calibration.scale, self.factor * calibration.per_piece,
+        return Calibration(self.factor * calibration.scale, self.factor * calibration.per_piece + self.per_piece,
                            self.factor * calibration.intercept + self.offset)
 
 
-def fit_adapter(source_ms, measured_ms, method: str = "affine", floor_ms: float | None = None) -> Adapter:
+def fit_adapter(source_ms, measured_ms, method: str = "affine", floor_ms: float | None = None,
+                pieces=None) -> Adapter:
     """The map from the source's predictions to the target's measurements, least squares on relative error.
 
-    An affine fit that would price a subnet of source latency `floor_ms` (default: the smallest fitted one;
-    a table passes its cheapest subnet) at zero or less falls back to the factor alone: noise on a few
-    subnets must not make any subnet free.
+    `layers` needs each subnet's piece count (`pieces`, depth + 2) and three subnets. A fit that would
+    price a subnet of source latency `floor_ms` (default: the smallest fitted one; a table passes its
+    cheapest subnet) at zero or less, at the fewest or the most pieces fitted, falls back to the next
+    simpler map (layers, then affine, then the factor alone): noise on a few subnets must not make any
+    subnet free.
     """
     if method not in ADAPTERS:
         raise HwawareError(f"transfer: method must be one of {', '.join(ADAPTERS)}, got {method!r}")
     x, y = np.asarray(source_ms, dtype=np.float64), np.asarray(measured_ms, dtype=np.float64)
     if len(y) < 2:
         raise HwawareError(f"transfer: needs at least 2 measured subnets, got {len(y)}")
+    if method == "layers" and (pieces is None or len(y) < 3):
+        raise HwawareError("transfer: the layers map needs each subnet's piece count and at least 3 measured subnets")
     scale_only = Adapter(relative_scale(x, y))
     if method == "scale":
         return scale_only
-    design = np.stack([x, np.ones_like(x)], axis=1) / y[:, None]
-    (factor, offset), *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
     floor = x.min() if floor_ms is None else min(floor_ms, x.min())
-    if not (np.isfinite(factor) and np.isfinite(offset) and factor > 0 and factor * floor + offset > 0):
-        return scale_only
-    return Adapter(float(factor), float(offset))
+    n = np.zeros_like(x) if method == "affine" else np.asarray(pieces, dtype=np.float64)
+    columns = [x, np.ones_like(x)] + ([n] if method == "layers" else [])
+    coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1) / y[:, None], np.ones_like(y), rcond=None)
+    adapter = Adapter(*(float(c) for c in coef)) if np.all(np.isfinite(coef)) else None
+    if adapter is None or adapter.factor <= 0 or min(adapter.apply(floor, [n.min(), n.max()])) <= 0:
+        return fit_adapter(x, y, "affine", floor_ms) if method == "layers" else scale_only
+    return adapter
 
 
 def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, space: str | None = None,
@@ -114,10 +125,17 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
     measured = measure_subnets(runner, table_space, batch, archs, settings, progress,
                                desc=f"transfer {source_csv.stem} -> {profile.name}")
     seconds = time.perf_counter() - started
+    # fit and held-out subnets alternate (then the rest are held out), so both see the same stretch of the run
+    pairs, extra_fit = min(fit_subnets, holdout_subnets), fit_subnets - min(fit_subnets, holdout_subnets)
+    rest = list(range(2 * pairs, len(archs)))
+    order = [*range(0, 2 * pairs, 2), *rest[:extra_fit], *range(1, 2 * pairs, 2), *rest[extra_fit:]]
+    archs, measured = [archs[i] for i in order], np.asarray(measured)[order]
     predicted = np.array([source.predict(a) for a in archs])
-    adapter = fit_adapter(predicted[:fit_subnets], measured[:fit_subnets], method, source.cheapest()[0])
+    pieces = np.array([a.depth + 2 for a in archs])
+    fit = slice(None, fit_subnets)
+    adapter = fit_adapter(predicted[fit], measured[fit], method, source.cheapest()[0], pieces[fit])
     held = slice(fit_subnets, None)
-    after = adapter.apply(predicted[held])
+    after = adapter.apply(predicted[held], pieces[held])
     calibration = adapter.compose(source.calibration)
     per_subnet = seconds / max(len(archs), 1)
     source_timing = source.meta.get("timing") or {}
@@ -129,14 +147,16 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
         "calibration": {**calibration.to_dict(), "fit_n": fit_subnets},
         "validation": validation_metrics(measured[held], after),
         "subnets": [{"arch": a.to_dict(), "measured_ms": m, "source_predicted_ms": float(p),
-                     "predicted_ms": float(adapter.apply(p)), "split": "fit" if i < fit_subnets else "holdout"}
+                     "predicted_ms": float(adapter.apply(p, a.depth + 2)),
+                     "split": "fit" if i < fit_subnets else "holdout"}
                     for i, (a, m, p) in enumerate(zip(archs, measured, predicted))],
         "transfer": {
             "from": str(source_csv), "from_csv_sha256": file_sha256(source_csv), "from_device": source.device,
             "from_backend": source.backend, "from_precision": source.precision, "from_batch": source.batch_size,
             "pieces": f"measured on {source.device} ({source.backend} {source.precision}, batch {source.batch_size}); "
                       f"whole subnets on {profile.name} set the correction",
-            "method": method, "factor": adapter.factor, "offset_ms": adapter.offset, "k": fit_subnets,
+            "method": method, "factor": adapter.factor, "offset_ms": adapter.offset,
+            "per_piece_ms": adapter.per_piece, "k": fit_subnets,
             "holdout": holdout_subnets, "seed": seed,
             "validation_before": validation_metrics(measured[held], predicted[held]),
             "seconds": round(seconds, 1), "seconds_fit_subnets": round(per_subnet * fit_subnets, 1),
@@ -165,7 +185,8 @@ def transfer_on_reference(source_rows: pd.DataFrame, target_rows: pd.DataFrame, 
     measured = target_rows["measured_ms"].to_numpy(np.float64)
     order = np.random.default_rng(seed).permutation(len(target_rows))
     fit, held = order[:k], order[k:]
-    adapter = fit_adapter(source_ms[fit], measured[fit], method, source_ms.min())
+    pieces = target_rows["depth"].to_numpy(np.float64) + 2
+    adapter = fit_adapter(source_ms[fit], measured[fit], method, source_ms.min(), pieces[fit])
     return {"before": error_summary(measured[held], source_ms[held]),
-            "after": error_summary(measured[held], adapter.apply(source_ms[held])),
-            "factor": adapter.factor, "offset_ms": adapter.offset}
+            "after": error_summary(measured[held], adapter.apply(source_ms[held], pieces[held])),
+            "factor": adapter.factor, "offset_ms": adapter.offset, "per_piece_ms": adapter.per_piece}
