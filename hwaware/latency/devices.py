@@ -24,8 +24,9 @@ class MeasureSettings:
     """How long to time each thing and how to guard against drift.
 
     Repeats run until both `min_repeats` and `min_time_s` are reached (capped by `max_repeats`).
-    Every `anchor_every` items the anchor piece is timed again; a segment whose closing anchor moved
-    more than `drift_tolerance` from the first anchor is measured again, up to `max_remeasure` times.
+    Every `anchor_every` items an anchor is timed again. A profile measures a segment again (up to
+    `max_remeasure` times) when its anchor moved more than `drift_tolerance` from the quietest one seen;
+    recalibration and transfer rescale each subnet's reading by the first anchor over the latest.
     """
 
     warmup: int = 10
