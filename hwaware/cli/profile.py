@@ -86,8 +86,7 @@ def _recalibrate(args: argparse.Namespace) -> None:
     with folder_lock(args.out, "profile --recalibrate"):
         path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
                                  holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
-                                 seed=args.seed or 0, method=args.transfer_map, progress=not args.quiet,
-                              force=args.force)
+                                 seed=args.seed or 0, progress=not args.quiet, force=args.force)
     table = LatencyTable.load(path)
     info = table.meta["recalibration"]
     print(f"wrote {path}: refitted on {table.meta['calibration']['fit_n']} subnets timed here in {info['seconds']:.0f} s")
