@@ -77,6 +77,16 @@ def test_cli_recalibrate_prints_before_and_after(table_path, tmp_path):
     assert json.loads((tmp_path / table_path.with_suffix(".json").name).read_text())["recalibration"]["seed"] == 0
 
 
+def test_cli_recalibrate_of_a_missing_table_is_one_line_and_creates_no_folder(tmp_path, capsys):
+    from hwaware.cli import main
+
+    out = tmp_path / "new"
+    assert main(["profile", "--recalibrate", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.csv" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_validate_reports_without_rewriting_the_table(table_path):
     from hwaware.latency.recalibrate import validate_table
 

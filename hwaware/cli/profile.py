@@ -83,6 +83,7 @@ def _recalibrate(args: argparse.Namespace) -> None:
     fill_from_project(args, "profile", {"out": "tables"})
     if args.out is None:
         raise HwawareError("--out is required with --recalibrate (the folder for the recalibrated table)")
+    LatencyTable.load(args.recalibrate)  # a missing or bad table is refused before --out is created
     with folder_lock(args.out, "profile --recalibrate"):
         path = recalibrate_table(args.recalibrate, args.out, fit_subnets=args.fit_subnets or 10,
                                  holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
@@ -113,6 +114,7 @@ def _transfer(args: argparse.Namespace) -> None:
     settings = profile.measurement.replace(**{k: getattr(args, k) for k in ("threads", "warmup", "min_repeats",
                                                                            "min_time_s")},
                                            cuda_graph=True if args.cuda_graph else None)
+    LatencyTable.load(args.transfer_from)  # a missing or bad source is refused before --out is created
     with folder_lock(args.out, "profile --transfer-from"):
         path = transfer_table(args.transfer_from, args.device, args.out, space=args.space, backend=args.backend,
                               precision=args.precision, batch=args.batch, settings=settings,
