@@ -153,12 +153,13 @@ def cpu_transfer_section(space: str, keep: str | None = None) -> None:
         held = [s for s in subnets if s["split"] == "holdout"]
         truth = [s["measured_ms"] for s in held]
         line = []
-        pieces = {id(s): len(s["arch"]["num_heads"]) + 2 for s in subnets}
+        def pieces(rows):
+            return [len(s["arch"]["num_heads"]) + 2 for s in rows]
+
         for method in ADAPTERS:  # every map fitted on the same measured subnets
             adapter = fit_adapter([s["source_predicted_ms"] for s in fit], [s["measured_ms"] for s in fit], method,
-                                  min(s["source_predicted_ms"] for s in subnets), [pieces[id(s)] for s in fit])
-            after = error_summary(truth, adapter.apply([s["source_predicted_ms"] for s in held],
-                                                       [pieces[id(s)] for s in held]))
+                                  min(s["source_predicted_ms"] for s in subnets), pieces(fit))
+            after = error_summary(truth, adapter.apply([s["source_predicted_ms"] for s in held], pieces(held)))
             line.append(f"{method} {100 * after['mape']:5.1f}% (tau {after['kendall_tau']:.2f})")
         print(f"  {label:36s} before {100 * info['validation_before']['mape']:5.1f}%   {'   '.join(line)};  "
               f"k=10 took {info['seconds_fit_subnets']:.0f} s (20 subnets {info['seconds']:.0f} s) vs {full:.0f} s "
