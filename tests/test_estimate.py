@@ -143,9 +143,18 @@ def test_leave_one_gpu_out_on_fastertransformer_meets_its_aim(reference):
 
 @pytest.mark.slow
 def test_leave_one_gpu_out_on_timm_sets(reference):
-    """Measured on the shipped data: MAPE 16 %, tau 0.94 (the issue's aim of 15 % / 60 % within 10 % is not met)."""
+    """Measured on the shipped data: MAPE 14.2 %, tau 0.96, 49 % within 10 % (the issue's 60 % is not met)."""
     logo = leave_one_gpu_out(stack_rows(reference, "torch"))
-    assert logo["mape"] < 0.18 and logo["kendall_tau"] > 0.9 and logo["within_25pct"] > 0.75
+    assert logo["mape"] <= 0.15 and logo["kendall_tau"] > 0.9 and logo["within_25pct"] > 0.75
+
+
+def test_fused_stacks_price_all_bytes_at_one_efficiency(reference):
+    """Eager PyTorch's elementwise kernels and its GEMM streams get their own efficiencies; FasterTransformer's
+    two GPUs cannot separate them, so they are tied (separate, its leave-one-GPU-out error went 15 % -> 24 %)."""
+    eager = fit_kernel_params(stack_rows(reference, "torch"))
+    fused = fit_kernel_params(stack_rows(reference, "tensorrt"))
+    assert fused.gemm_memory_efficiency == fused.memory_efficiency
+    assert eager.gemm_memory_efficiency > 2 * eager.memory_efficiency
 
 
 def test_error_summary_ranks_within_sets():
