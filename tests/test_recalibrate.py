@@ -1,6 +1,7 @@
 """A table carried to another host: the fingerprint says what differs, --recalibrate refits it here."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from hwaware.latency import LatencyTable, get_backend, load_device_profile
 from hwaware.latency import profile as profiling
 from hwaware.latency.devices import MeasureSettings
 from hwaware.latency.host import cpu_fingerprint, fingerprint_differences, host_fingerprint
-from hwaware.latency.recalibrate import host_differences, recalibrate_table, warn_if_other_host
+from hwaware.latency.recalibrate import host_differences, measure_subnets, recalibrate_table, warn_if_other_host
 from hwaware.space import SearchSpace
+from hwaware.vit import build_vit
 
 TINY = SearchSpace(name="tiny", embed_dims=(16,), depths=(1, 2), num_heads=(1, 2), mlp_ratios=(2.0,), head_dim=8,
                    img_size=4, patch_size=2, in_chans=1, num_classes=3)
@@ -25,6 +27,57 @@ def table_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("tables")
     backend = get_backend("onnxruntime", device="cpu", precision="fp32", threads=1)
     return profiling.Profiler(load_device_profile("cpu"), TINY, backend, 1, QUICK, out, progress=False).run()
+
+
+class _ShiftingHost:
+    """A backend on a host that slows down for a few seconds now and then (bursts 1-2 and 7 run 1.5x
+    slower); its runners count how many of them are alive."""
+
+    SLOW_BURSTS = (1, 2, 7)
+
+    def __init__(self):
+        self.bursts, self.alive, self.most_alive, self.order = 0, 0, 0, []
+
+    def prepare(self, module, example, workdir):
+        return _Runner(self, _size(module))
+
+
+def _size(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+class _Runner:
+    def __init__(self, host, base_ms):
+        self.host, self.base_ms = host, float(base_ms)
+        host.alive += 1
+        host.most_alive = max(host.most_alive, host.alive)
+
+    def __del__(self):
+        self.host.alive -= 1
+
+    def time(self, repeats):
+        slow = self.host.bursts in self.host.SLOW_BURSTS
+        self.host.bursts += 1
+        self.host.order.append(self.base_ms)
+        return [self.base_ms * (1.5 if slow else 1.0)] * repeats
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_subnets_read_their_quickest_round_with_one_segment_of_sessions_alive(rounds):
+    """Round-robin within a segment: a burst the host slowed is outvoted by the other round, and at most
+    the segment plus the anchor are in memory, however many subnets are sampled."""
+    host = _ShiftingHost()
+    archs = [TINY.sample(random.Random(seed)) for seed in range(5)]
+    settings = MeasureSettings(warmup=0, min_repeats=1, min_time_s=0.0, anchor_every=2, subnet_rounds=rounds)
+    measured = measure_subnets(host, TINY, 1, archs, settings, progress=False)
+    truth = [_size(build_vit(arch, TINY)) for arch in archs]
+    assert host.most_alive == 3  # the anchor and a segment of 2
+    if rounds == 2:
+        assert measured == pytest.approx(truth)
+        anchor, first, second = host.order[:3]
+        assert host.order[3:6] == [anchor, first, second]  # in turn, not each subnet's rounds back to back
+    else:
+        assert measured != pytest.approx(truth)
 
 
 def test_cpu_fingerprint_reads_this_machine():

@@ -26,7 +26,8 @@ class MeasureSettings:
     Repeats run until both `min_repeats` and `min_time_s` are reached (capped by `max_repeats`).
     Every `anchor_every` items an anchor is timed again. A profile measures a segment again (up to
     `max_remeasure` times) when its anchor moved more than `drift_tolerance` from the quietest one seen;
-    recalibration and transfer rescale each subnet's reading by the first anchor over the latest.
+    recalibration and transfer rescale each subnet's reading by the first anchor over the latest, and
+    time each subnet `subnet_rounds` times, round-robin within its segment, reading the quickest round.
     """
 
     warmup: int = 10
@@ -35,6 +36,7 @@ class MeasureSettings:
     max_repeats: int = 2000
     threads: int | None = 1
     anchor_every: int = 6
+    subnet_rounds: int = 2
     drift_tolerance: float = 0.05
     max_remeasure: int = 2
     fit_subnets: int = 20

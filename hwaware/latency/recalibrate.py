@@ -54,28 +54,44 @@ def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: lis
                     progress: bool = True, desc: str = "subnets") -> list[float]:
     """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms.
 
-    An anchor (the space's middle subnet) is timed before every `settings.anchor_every` subnets, and each
-    reading is scaled by the first anchor over the latest one: a host that speeds up or slows down during
-    the run (turbo, a neighbour) then shifts no subnet against another. One at a time, not interleaved:
-    ONNX Runtime sessions with several threads spin while idle, and interleaved they ran 2x slower here.
+    Subnets go in segments of `settings.anchor_every`, each timed with the anchor (the space's middle
+    subnet, one session for the run). A segment's sessions are timed one after another,
+    `settings.subnet_rounds` rounds, and each reads its quickest round: a shared host's speed shifts every few seconds, and a round a shift hits is slower,
+    never faster (back-to-back retests of 10 subnets on 2 vCPUs: 7.3 % apart with one round, 2.5 % with
+    two). Each reading is then scaled by the first segment's anchor over its own segment's, so a host that
+    speeds up or slows down during the run shifts no subnet against another. Whole bursts, not the
+    profiler's 20 ms slices: idle multi-threaded ONNX Runtime sessions spin, and sliced they ran 2x
+    slower here. One segment's sessions are alive at a time, so memory does not grow with the sample.
     """
-    from hwaware.latency.protocol import time_runner
     from hwaware.progress import progress as progress_bar
     from hwaware.vit import build_vit
 
     x = torch.randn(batch, space.in_chans, space.img_size, space.img_size)
-    step = max(1, settings.anchor_every)
+    step, rounds = max(1, settings.anchor_every), max(1, settings.subnet_rounds)
     measured: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp:
-        anchor = backend.prepare(build_vit(space.middle(), space), x, Path(tmp))
-        first = latest = None
-        for i, arch in enumerate(progress_bar(archs, desc=desc, disable=not progress, file=sys.stderr)):
-            runner = backend.prepare(build_vit(arch, space), x, Path(tmp))
-            if i % step == 0:
-                latest = time_runner(anchor, settings).reading(settings.statistic)
-                first = first or latest
-            measured.append(time_runner(runner, settings).reading(settings.statistic) * first / latest)
+    first_anchor = None
+    with tempfile.TemporaryDirectory(prefix="hwaware-subnets-") as tmp, \
+            progress_bar(total=len(archs), desc=desc, disable=not progress, file=sys.stderr) as bar:
+        anchor_runner = backend.prepare(build_vit(space.middle(), space), x, Path(tmp))
+        for start in range(0, len(archs), step):
+            runners = [backend.prepare(build_vit(arch, space), x, Path(tmp)) for arch in archs[start:start + step]]
+            anchor, *subnets = _round_robin([anchor_runner, *runners], settings, rounds)
+            first_anchor = first_anchor or anchor
+            measured += [ms * first_anchor / anchor for ms in subnets]
+            del runners  # before the next segment's are built
+            bar.update(len(subnets))
     return measured
+
+
+def _round_robin(runners: list, settings: MeasureSettings, rounds: int) -> list[float]:
+    """The quickest of `rounds` readings of each runner, the runners timed in turn each round."""
+    from hwaware.latency.protocol import time_runner
+
+    best = [float("inf")] * len(runners)
+    for _ in range(rounds):
+        for i, runner in enumerate(runners):
+            best[i] = min(best[i], time_runner(runner, settings).reading(settings.statistic))
+    return best
 
 
 def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = None, progress: bool = True) -> dict:
