@@ -98,7 +98,7 @@ def _recalibrate(args: argparse.Namespace) -> None:
 def _transfer(args: argparse.Namespace) -> None:
     from hwaware.latency.devices import load_device_profile
     from hwaware.latency.table import LatencyTable
-    from hwaware.latency.transfer import ADAPTERS, transfer_table
+    from hwaware.latency.transfer import ADAPTERS, check_transfer_source, transfer_table
 
     if not args.device:
         raise HwawareError("--device is required with --transfer-from (the present device the table is adapted to)")
@@ -114,14 +114,16 @@ def _transfer(args: argparse.Namespace) -> None:
     settings = profile.measurement.replace(**{k: getattr(args, k) for k in ("threads", "warmup", "min_repeats",
                                                                            "min_time_s")},
                                            cuda_graph=True if args.cuda_graph else None)
-    LatencyTable.load(args.transfer_from)  # a missing or bad source is refused before --out is created
+    fit_subnets = args.fit_subnets or 10
+    holdout_subnets = 10 if args.holdout_subnets is None else args.holdout_subnets
+    # a source that cannot be transferred is refused before --out is created
+    check_transfer_source(args.transfer_from, args.space, fit_subnets, holdout_subnets)
     with folder_lock(args.out, "profile --transfer-from"):
         path = transfer_table(args.transfer_from, args.device, args.out, space=args.space, backend=args.backend,
                               precision=args.precision, batch=args.batch, settings=settings,
-                              quantize_mode=args.quantize_mode, fit_subnets=args.fit_subnets or 10,
-                              holdout_subnets=10 if args.holdout_subnets is None else args.holdout_subnets,
-                              seed=args.seed or 0, method=args.transfer_map, progress=not args.quiet,
-                              force=args.force)
+                              quantize_mode=args.quantize_mode, fit_subnets=fit_subnets,
+                              holdout_subnets=holdout_subnets, seed=args.seed or 0, method=args.transfer_map,
+                              progress=not args.quiet, force=args.force)
     table = LatencyTable.load(path)
     info = table.meta["transfer"]
     full = info["full_profile_seconds_of_source"]

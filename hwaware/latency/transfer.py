@@ -79,20 +79,10 @@ def fit_adapter(source_ms, measured_ms, method: str = "affine", floor_ms: float 
     return adapter
 
 
-def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, space: str | None = None,
-                   backend: str | None = None, precision: str | None = None, batch: int | None = None,
-                   settings: MeasureSettings | None = None, quantize_mode: str | None = None, fit_subnets: int = 10,
-                   holdout_subnets: int = 10, seed: int = 0, method: str = "affine", progress: bool = True,
-                   force: bool = False) -> Path:
-    """Adapt the measured table `source_csv` to the present `device` from `fit_subnets` subnets timed there,
-    validated on `holdout_subnets` others; writes the target's table in `out` and returns its path.
-    `settings` (default: the device profile's) say how each subnet is timed, threads included."""
-    from hwaware.latency.backends import environment
-    from hwaware.latency.devices import load_device_profile
-    from hwaware.latency.profile import resolve_backend, sample_subnets
-    from hwaware.latency.recalibrate import measure_subnets
-
-    source_csv = Path(source_csv)
+def check_transfer_source(source_csv: str | Path, space: str | None, fit_subnets: int,
+                          holdout_subnets: int) -> LatencyTable:
+    """The source table, if a transfer can adapt it: measured, with measured subnets, of `space` (when
+    given), with room for the subnets asked for. The CLI calls it before it creates the output folder."""
     source = LatencyTable.load(source_csv)
     if source.estimated:
         raise HwawareError(f"transfer: {source_csv} is an estimate; a transfer adapts a measured table")
@@ -110,6 +100,25 @@ def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, spac
     if fit_subnets + holdout_subnets > table_space.num_subnets():
         raise HwawareError(f"transfer: space {table_space.name} has {table_space.num_subnets()} subnets, fewer than "
                            f"the {fit_subnets} + {holdout_subnets} asked for")
+    return source
+
+
+def transfer_table(source_csv: str | Path, device: str, out: str | Path, *, space: str | None = None,
+                   backend: str | None = None, precision: str | None = None, batch: int | None = None,
+                   settings: MeasureSettings | None = None, quantize_mode: str | None = None, fit_subnets: int = 10,
+                   holdout_subnets: int = 10, seed: int = 0, method: str = "affine", progress: bool = True,
+                   force: bool = False) -> Path:
+    """Adapt the measured table `source_csv` to the present `device` from `fit_subnets` subnets timed there,
+    validated on `holdout_subnets` others; writes the target's table in `out` and returns its path.
+    `settings` (default: the device profile's) say how each subnet is timed, threads included."""
+    from hwaware.latency.backends import environment
+    from hwaware.latency.devices import load_device_profile
+    from hwaware.latency.profile import resolve_backend, sample_subnets
+    from hwaware.latency.recalibrate import measure_subnets
+
+    source_csv = Path(source_csv)
+    source = check_transfer_source(source_csv, space, fit_subnets, holdout_subnets)
+    table_space = source.space
     profile = load_device_profile(device)
     backend_name, precision = backend or profile.backend, precision or profile.precision
     batch = batch or profile.batch_sizes[0]
