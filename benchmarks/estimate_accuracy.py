@@ -10,7 +10,8 @@ Refits everything from the reference data (hwaware/reference/gpu_latency.csv) an
      one factor vs affine vs affine plus a cost per layer;
   4. with --cpu-transfer SPACE: the same between CPU "devices" measured here (ONNX Runtime 1 -> 2 threads,
      fp32 -> INT8) from the committed 1-thread table of SPACE, k = 10, 10 held out, with the time it took
-     against the source's full profile. This measures, so it takes minutes (--keep DIR keeps what it measured).
+     against the source's full profile. This measures, so it takes minutes (--keep DIR keeps what it measured;
+     --retest times the held-out subnets again: how repeatable this host is, the floor under any map).
 """
 
 from __future__ import annotations
@@ -129,7 +130,24 @@ def gpu_transfer_section(reference: pd.DataFrame, seeds: int) -> None:
             print(f"  k={k:2d}  before {100 * np.mean(before):6.1f}%   " + "   ".join(line))
 
 
-def cpu_transfer_section(space: str, keep: str | None = None) -> None:
+def retest_line(table, settings) -> str:
+    """The held-out subnets timed again, as the transfer timed them: how far apart two measurements of the
+    same subnets on this host are, the floor under any map's held-out error."""
+    from hwaware.latency.devices import load_device_profile
+    from hwaware.latency.profile import resolve_backend
+    from hwaware.latency.recalibrate import measure_subnets
+    from hwaware.space import Arch
+
+    held = [s for s in table.meta["subnets"] if s["split"] == "holdout"]
+    runner = resolve_backend(load_device_profile(table.device), table.backend, table.precision, settings.threads,
+                             table.quantize_mode)
+    again = measure_subnets(runner, table.space, table.batch_size, [Arch.from_dict(s["arch"]) for s in held],
+                            settings, progress=False)
+    floor = error_summary([s["measured_ms"] for s in held], again)
+    return f"retest of the held-out subnets {100 * floor['mape']:5.1f}% apart (tau {floor['kendall_tau']:.2f})"
+
+
+def cpu_transfer_section(space: str, keep: str | None = None, retest: bool = False) -> None:
     from hwaware.latency.devices import load_device_profile
     from hwaware.latency.table import LatencyTable, table_name
     from hwaware.latency.transfer import transfer_table
@@ -164,6 +182,8 @@ def cpu_transfer_section(space: str, keep: str | None = None) -> None:
         print(f"  {label:36s} before {100 * info['validation_before']['mape']:5.1f}%   {'   '.join(line)};  "
               f"k=10 took {info['seconds_fit_subnets']:.0f} s (20 subnets {info['seconds']:.0f} s) vs {full:.0f} s "
               "for the full profile")
+        if retest:
+            print(f"  {'':36s} {retest_line(table, options['settings'])}")
 
 
 def main() -> None:
@@ -175,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="random draws of the k rows per GPU pair")
     parser.add_argument("--keep", metavar="DIR", help="keep the CPU transfers' tables (their measured subnets) here")
     parser.add_argument("--only-cpu-transfer", action="store_true", help="skip sections 1-3")
+    parser.add_argument("--retest", action="store_true",
+                        help="time each CPU transfer's held-out subnets again: the host's own repeatability")
     args = parser.parse_args()
     reference = load_reference(args.reference)
     print(f"reference: {len(reference)} rows, GPUs {', '.join(sorted(reference['gpu'].unique()))}")
@@ -183,7 +205,7 @@ def main() -> None:
         previous_roofline_section(reference, Path(args.cpu_table))
         gpu_transfer_section(reference, args.seeds)
     if args.cpu_transfer:
-        cpu_transfer_section(args.cpu_transfer, args.keep)
+        cpu_transfer_section(args.cpu_transfer, args.keep, args.retest)
 
 
 if __name__ == "__main__":
