@@ -325,7 +325,11 @@ class SupernetTrainer:
         groups = param_groups_weight_decay(self.model, config.weight_decay, no_weight_decay_list=("cls_token", "pos_embed"))
         self.optimizer = create_optimizer_v2(groups, "adamw", lr=config.lr, weight_decay=config.weight_decay)
         total = config.epochs * steps_per_epoch
-        warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)  # at most half a short run
+        asked = int(round(config.warmup_epochs * steps_per_epoch))
+        warmup = min(asked, total // 2)  # at most half a short run
+        # what the run's first line says when the cap bit
+        self.warmup_note = (f"; warm-up {warmup} steps, not the {asked} of --warmup-epochs {config.warmup_epochs:g} "
+                            f"(at most half of the run's {total})" if warmup < asked else "")
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=max(total - warmup, 1), lr_min=config.min_lr, warmup_t=warmup,
             warmup_lr_init=config.lr * 1e-3, warmup_prefix=True, t_in_epochs=False,
@@ -638,7 +642,7 @@ def _run(config: TrainConfig, space: SearchSpace, out: Path, rank: int, world: i
     if config.progress:  # --quiet: errors and the stop line only
         log.say(f"{out}: global batch {images_per_step} = {config.batch_size} per rank x {world} ranks x {accumulation} "
                 f"accumulated, peak lr {config.lr:g}; {config.strategy} sampling; validation on {len(val_subset)} of "
-                f"{len(val_data)} val images")
+                f"{len(val_data)} val images{trainer.warmup_note}")
 
     def checkpoint(complete: bool = False) -> None:
         if rank != 0:

@@ -544,6 +544,7 @@ def test_train_logs_lines_not_bars_off_a_terminal_and_takes_the_old_device_flag(
     lines = err.splitlines()
     assert any(line.startswith("epoch 1/1: 100% 4/4 step  loss=") for line in lines), err
     assert any(line.startswith("epoch 1/1  loss ") for line in lines)
+    assert "warm-up 2 steps, not the 8 of --warmup-epochs 2 (at most half of the run's 4)" in err  # the cap is said
 
 
 def test_progress_off_a_terminal_is_a_line_per_tenth_and_a_bar_on_one():
