@@ -130,6 +130,11 @@ def gpu_transfer_section(reference: pd.DataFrame, seeds: int) -> None:
             print(f"  k={k:2d}  before {100 * np.mean(before):6.1f}%   " + "   ".join(line))
 
 
+def pieces(subnets: list[dict]) -> list[int]:
+    """Each sidecar subnet's piece count (depth + 2), what the layers map charges per piece."""
+    return [len(s["arch"]["num_heads"]) + 2 for s in subnets]
+
+
 def retest_line(table, settings) -> str:
     """The held-out subnets timed again, as the transfer timed them: how far apart two measurements of the
     same subnets on this host are, the floor under any map's held-out error."""
@@ -171,9 +176,6 @@ def cpu_transfer_section(space: str, keep: str | None = None, retest: bool = Fal
         held = [s for s in subnets if s["split"] == "holdout"]
         truth = [s["measured_ms"] for s in held]
         line = []
-        def pieces(rows):
-            return [len(s["arch"]["num_heads"]) + 2 for s in rows]
-
         for method in ADAPTERS:  # every map fitted on the same measured subnets
             adapter = fit_adapter([s["source_predicted_ms"] for s in fit], [s["measured_ms"] for s in fit], method,
                                   min(s["source_predicted_ms"] for s in subnets), pieces(fit))

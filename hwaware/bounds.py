@@ -15,6 +15,7 @@ TRAINING: dict[str, tuple[float, float]] = {
 
 MEASUREMENT: dict[str, tuple[float, float]] = {
     "warmup": (0, 100_000), "min_repeats": (1, 1_000_000), "min_time_s": (0, 3600), "max_repeats": (1, 10_000_000),
-    "threads": (1, 1024), "anchor_every": (1, 100_000), "subnet_rounds": (1, 100), "drift_tolerance": (0, 10), "max_remeasure": (0, 100),
+    "threads": (1, 1024), "anchor_every": (1, 100_000), "subnet_rounds": (1, 100), "drift_tolerance": (0, 10),
+    "max_remeasure": (0, 100),
     "fit_subnets": (3, 1000), "holdout_subnets": (0, 1000),
 }

@@ -29,8 +29,8 @@ from hwaware.io import check_regular_file, read_bytes_file
 from hwaware.space import SearchSpace
 from hwaware.stopping import ignore_stop_signals_in_worker, kill_workers_at_exit
 
-__all__ = ["build_dataset", "build_loader", "build_run_loader", "dataloader", "ResumableSampler", "RepeatedAugmentationSampler", "SPLITS",
-           "mix_seed", "has_split", "dataset_targets", "stratified_sample", "image_ids"]
+__all__ = ["build_dataset", "build_loader", "build_run_loader", "dataloader", "ResumableSampler",
+           "RepeatedAugmentationSampler", "SPLITS", "mix_seed", "has_split", "dataset_targets", "stratified_sample", "image_ids"]
 
 SPLITS = ("train", "val", "test")
 # digits: a fixed stratified 70 / 15 / 15 split; the seed is part of the dataset, not of a run.

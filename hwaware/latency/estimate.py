@@ -163,7 +163,9 @@ def predict_reference(rows: pd.DataFrame, params: KernelParams) -> np.ndarray:
 
 _LOWER = np.array([1e-3, 1e-3, 1e-3, 0.0, 0.0, 1e-3])
 _UPPER = np.array([1.0, 1.0, 1.0, 10.0, 100.0, 1.0])
-_OVERHEADS, _ELEMENTWISE, _GEMM_STREAM = slice(3, 5), 2, 5
+_FIELDS = list(KernelParams.__dataclass_fields__)
+_OVERHEADS = [_FIELDS.index("layer_overhead_ms"), _FIELDS.index("model_overhead_ms")]
+_ELEMENTWISE, _GEMM_STREAM = _FIELDS.index("memory_efficiency"), _FIELDS.index("gemm_memory_efficiency")
 # Stacks that run LayerNorm, GELU and the residual adds as kernels of their own (eager PyTorch): their
 # bytes move at another efficiency than a GEMM's operand streams, and 238 rows of four GPUs pin both down.
 # Fused stacks (FasterTransformer, TensorRT) fold that work into a few fused kernels, and their data (two

@@ -84,6 +84,16 @@ def time_interleaved(runners: list[Runner], settings: MeasureSettings, slice_ms:
     return [Stats.of(s) for s in samples]
 
 
+def time_in_rounds(runners: list[Runner], settings: MeasureSettings, rounds: int) -> list[float]:
+    """Each runner's quickest of `rounds` readings (`settings.statistic`), the runners timed in turn each
+    round: whole bursts, not `time_interleaved`'s slices, for models long enough that a slice holds one call."""
+    best = [float("inf")] * len(runners)
+    for _ in range(rounds):
+        for i, runner in enumerate(runners):
+            best[i] = min(best[i], time_runner(runner, settings).reading(settings.statistic))
+    return best
+
+
 def measure_latency(model, example, backend="onnxruntime", settings: MeasureSettings | None = None,
                     workdir=None, **backend_options) -> dict:
     """Time `model` (an nn.Module, an ONNX file path, or a runner) on `example` with the protocol.

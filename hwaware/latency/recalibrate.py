@@ -24,6 +24,7 @@ from hwaware.io import file_sha256, utc_timestamp
 from hwaware.latency.backends import Backend, environment
 from hwaware.latency.devices import MeasureSettings, find_present, load_device_profile
 from hwaware.latency.host import fingerprint_differences, host_fingerprint
+from hwaware.latency.protocol import time_in_rounds
 from hwaware.latency.table import Calibration, LatencyTable, relative_scale, validation_metrics
 from hwaware.space import Arch, SearchSpace
 
@@ -55,10 +56,9 @@ def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: lis
     """Each Arch of `space` exported and timed end to end on a batch, as `settings.statistic` (median or min), ms.
 
     Subnets go in segments of `settings.anchor_every`, each timed with the anchor (the space's middle
-    subnet, one session for the run). A segment's sessions are timed one after another,
-    `settings.subnet_rounds` rounds, and each reads its quickest round: a shared host's speed shifts every few seconds, and a round a shift hits is slower,
-    never faster (back-to-back retests of 10 subnets on 2 vCPUs: 7.3 % apart with one round, 2.5 % with
-    two). Each reading is then scaled by the first segment's anchor over its own segment's, so a host that
+    subnet, one session for the run) in `settings.subnet_rounds` rounds (`time_in_rounds`): a shared
+    host's speed shifts every few seconds, and a round a shift hits is slower, never faster
+    (back-to-back retests of 10 subnets on 2 vCPUs: 7.3 % apart with one round, 2.5 % with two). Each reading is then scaled by the first segment's anchor over its own segment's, so a host that
     speeds up or slows down during the run shifts no subnet against another. Whole bursts, not the
     profiler's 20 ms slices: idle multi-threaded ONNX Runtime sessions spin, and sliced they ran 2x
     slower here. One segment's sessions are alive at a time, so memory does not grow with the sample.
@@ -75,23 +75,12 @@ def measure_subnets(backend: Backend, space: SearchSpace, batch: int, archs: lis
         anchor_runner = backend.prepare(build_vit(space.middle(), space), x, Path(tmp))
         for start in range(0, len(archs), step):
             runners = [backend.prepare(build_vit(arch, space), x, Path(tmp)) for arch in archs[start:start + step]]
-            anchor, *subnets = _round_robin([anchor_runner, *runners], settings, rounds)
+            anchor, *subnets = time_in_rounds([anchor_runner, *runners], settings, rounds)
             first_anchor = first_anchor or anchor
             measured += [ms * first_anchor / anchor for ms in subnets]
             del runners  # before the next segment's are built
             bar.update(len(subnets))
     return measured
-
-
-def _round_robin(runners: list, settings: MeasureSettings, rounds: int) -> list[float]:
-    """The quickest of `rounds` readings of each runner, the runners timed in turn each round."""
-    from hwaware.latency.protocol import time_runner
-
-    best = [float("inf")] * len(runners)
-    for _ in range(rounds):
-        for i, runner in enumerate(runners):
-            best[i] = min(best[i], time_runner(runner, settings).reading(settings.statistic))
-    return best
 
 
 def validate_table(csv_path: str | Path, count: int = 30, seed: int | None = None, progress: bool = True) -> dict:
